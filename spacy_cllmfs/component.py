@@ -1,0 +1,431 @@
+"""The `cllmfs_ner` component: a (LoRA-tuned) causal LM that sets `Doc.ents`.
+
+The component wires the modules together and holds no prompt, decoding,
+alignment or loss logic of its own:
+docs -> windows -> prompts (one per window and label) -> batched constrained
+decoding -> answers -> spans -> `Doc.ents`.
+"""
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import srsly
+from spacy.language import Language
+from spacy.pipeline import TrainablePipe
+from spacy.tokens import Doc, Span, SpanGroup
+from spacy.util import SimpleFrozenList
+from spacy.vocab import Vocab
+from thinc.api import Config
+
+from .adapters import AdapterState
+from .alignment import OVERLAP_STRATEGIES, Candidate, locate, resolve_overlaps
+from .constraints import CopyConstraint
+from .decoding import DecodingStats, generate
+from .labels import LabelInfo, label_infos, validate_labels
+from .models import HFCausalLM
+from .prompts import Prompt, PromptBuilder, PromptTemplate
+from .windows import make_windows
+
+logger = logging.getLogger("spacy_cllmfs")
+
+DEFAULT_CONFIG_STR = """
+[model]
+@misc = "spacy_cllmfs.HFCausalLM.v1"
+name = "embedded"
+device = "auto"
+dtype = "auto"
+adapter = null
+
+[model.lora]
+@misc = "spacy_cllmfs.LoRA.v1"
+r = 32
+alpha = 16
+dropout = 0.05
+target_modules = "all-linear"
+
+[prompt]
+@misc = "spacy_cllmfs.prompt.v1"
+
+[scorer]
+@scorers = "spacy.ner_scorer.v1"
+"""
+DEFAULT_CONFIG = Config().from_str(DEFAULT_CONFIG_STR)
+WINDOW_MARGIN = 8  # model tokens kept free in each window for tokenization drift
+
+
+@Language.factory(
+    "cllmfs_ner",
+    assigns=["doc.ents", "token.ent_iob", "token.ent_type"],
+    default_config={
+        "model": DEFAULT_CONFIG["model"],
+        "prompt": DEFAULT_CONFIG["prompt"],
+        "labels": [],
+        "label_descriptions": {},
+        "label_names": {},
+        "batch_size": 32,
+        "max_new_tokens": 128,
+        "constrained": True,
+        "ordered_spans": True,
+        "max_window_tokens": 256,
+        "overwrite_ents": False,
+        "overlap": "longest",
+        "candidates_key": None,
+        "scorer": DEFAULT_CONFIG["scorer"],
+    },
+    default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
+)
+def make_cllmfs_ner(
+    nlp: Language,
+    name: str,
+    model: HFCausalLM,
+    prompt: PromptTemplate,
+    labels: List[str],
+    label_descriptions: Dict[str, str],
+    label_names: Dict[str, str],
+    batch_size: int,
+    max_new_tokens: int,
+    constrained: bool,
+    ordered_spans: bool,
+    max_window_tokens: int,
+    overwrite_ents: bool,
+    overlap: str,
+    candidates_key: Optional[str],
+    scorer: Optional[Callable],
+) -> "CLLMFSNer":
+    """Construct a `cllmfs_ner` component (see `CLLMFSNer` for the settings)."""
+    return CLLMFSNer(
+        nlp.vocab,
+        model,
+        name,
+        prompt=prompt,
+        labels=labels,
+        label_descriptions=label_descriptions,
+        label_names=label_names,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        constrained=constrained,
+        ordered_spans=ordered_spans,
+        max_window_tokens=max_window_tokens,
+        overwrite_ents=overwrite_ents,
+        overlap=overlap,
+        candidates_key=candidates_key,
+        scorer=scorer,
+    )
+
+
+class CLLMFSNer(TrainablePipe):
+    """Few-shot NER with a causal LM: one prompt per (sentence window, label).
+
+    vocab (Vocab): The shared vocabulary.
+    model (HFCausalLM): The causal LM and its LoRA adapter (loaded on first use).
+    name (str): The component's name in the pipeline.
+    prompt (PromptTemplate): The prompt text, shared by training and inference.
+    labels (List[str]): Entity labels; may also come from `initialize`.
+    label_descriptions (Dict[str, str]): Per-label descriptions for the prompt.
+    label_names (Dict[str, str]): Per-label names for the prompt ("politicalparty" ->
+        "political party" by default).
+    batch_size (int): Prompts per forward pass.
+    max_new_tokens (int): Longest answer, in model tokens.
+    constrained (bool): Only allow answers that copy spans of the input.
+    ordered_spans (bool): With `constrained`, spans must come in sentence order.
+    max_window_tokens (int): Longest sentence window in model tokens; longer documents
+        are split at sentence boundaries (and overlong sentences between tokens).
+    overwrite_ents (bool): Let predictions replace overlapping existing entities
+        (otherwise existing entities are kept and overlapping predictions dropped).
+    overlap (str): How overlapping predictions are resolved: "longest" or "score".
+    candidates_key (Optional[str]): Keep every candidate span, with scores in
+        `attrs["scores"]`, in `doc.spans[candidates_key]`.
+    scorer (Optional[Callable]): The scoring method (spaCy's NER scorer).
+    """
+
+    def __init__(
+        self,
+        vocab: Vocab,
+        model: HFCausalLM,
+        name: str = "cllmfs_ner",
+        *,
+        prompt: Optional[PromptTemplate] = None,
+        labels: Sequence[str] = (),
+        label_descriptions: Optional[Dict[str, str]] = None,
+        label_names: Optional[Dict[str, str]] = None,
+        batch_size: int = 32,
+        max_new_tokens: int = 128,
+        constrained: bool = True,
+        ordered_spans: bool = True,
+        max_window_tokens: int = 256,
+        overwrite_ents: bool = False,
+        overlap: str = "longest",
+        candidates_key: Optional[str] = None,
+        scorer: Optional[Callable] = None,
+    ) -> None:
+        for setting, value in (
+            ("batch_size", batch_size),
+            ("max_new_tokens", max_new_tokens),
+            ("max_window_tokens", max_window_tokens),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"cllmfs_ner: `{setting}` must be an integer >= 1, got {value!r}.")
+        if overlap not in OVERLAP_STRATEGIES:
+            raise ValueError(f"cllmfs_ner: `overlap` must be one of {OVERLAP_STRATEGIES}, got {overlap!r}.")
+        self.vocab = vocab
+        self.model = model
+        self.name = name
+        self.prompt = prompt if prompt is not None else PromptTemplate()
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.constrained = constrained
+        self.ordered_spans = ordered_spans
+        self.max_window_tokens = max_window_tokens
+        self.overwrite_ents = overwrite_ents
+        self.overlap = overlap
+        self.candidates_key = candidates_key
+        self.scorer = scorer
+        self.stats = DecodingStats()
+        self.cfg: Dict[str, Any] = {"labels": [], "label_descriptions": {}, "label_names": {}}
+        self._set_labels(labels, label_descriptions or {}, label_names or {})
+        self._builder: Optional[PromptBuilder] = None
+
+    # -- labels -----------------------------------------------------------------
+
+    @property
+    def labels(self) -> tuple:
+        """RETURNS (Tuple[str]): The entity labels, in order."""
+        return tuple(self.cfg["labels"])
+
+    @property
+    def label_data(self) -> List[str]:
+        return list(self.labels)
+
+    def add_label(self, label: str, description: Optional[str] = None) -> int:
+        """Add an entity label, optionally with its description.
+
+        RETURNS (int): 0 if the label was already present, otherwise 1.
+        """
+        if label in self.labels:
+            if description:
+                self._set_labels(self.labels, {**self.cfg["label_descriptions"], label: description})
+            return 0
+        descriptions = dict(self.cfg["label_descriptions"])
+        if description:
+            descriptions[label] = description
+        self._set_labels(list(self.labels) + [label], descriptions)
+        return 1
+
+    def _set_labels(
+        self,
+        labels: Sequence[str],
+        descriptions: Dict[str, str],
+        names: Optional[Dict[str, str]] = None,
+    ) -> None:
+        names = self.cfg["label_names"] if names is None else names
+        self._label_infos = label_infos(labels, descriptions, names)
+        self.cfg.update(
+            labels=validate_labels(labels), label_descriptions=dict(descriptions), label_names=dict(names)
+        )
+
+    @property
+    def label_infos(self) -> List[LabelInfo]:
+        """RETURNS (List[LabelInfo]): Labels with their prompt names and descriptions."""
+        return self._label_infos
+
+    def _require_labels(self) -> None:
+        if not self.labels:
+            raise ValueError(
+                f"The '{self.name}' component has no entity labels. Fix: add them in the "
+                "config (nlp.add_pipe('cllmfs_ner', config={'labels': ['person']})), with "
+                "add_label(), or call nlp.initialize() with annotated examples."
+            )
+
+    # -- prompts --------------------------------------------------------------------
+
+    @property
+    def builder(self) -> PromptBuilder:
+        """RETURNS (PromptBuilder): The prompt builder bound to the model's tokenizer."""
+        if self._builder is None:
+            self._builder = PromptBuilder(self.prompt, self.model.tokenizer)
+        return self._builder
+
+    def window_budget(self) -> int:
+        """RETURNS (int): The most model tokens a sentence window may take."""
+        overhead = max(self.builder.overhead(info) for info in self.label_infos)
+        room = self.model.context_length - overhead - self.max_new_tokens - WINDOW_MARGIN
+        budget = min(self.max_window_tokens, room) - WINDOW_MARGIN
+        if budget < 1:
+            raise ValueError(
+                f"The model's context ({self.model.context_length} tokens) leaves no room for "
+                f"the sentence after the prompt ({overhead} tokens) and answer "
+                f"({self.max_new_tokens}). Fix: lower `max_new_tokens` or shorten descriptions."
+            )
+        return budget
+
+    def windows(self, doc: Doc) -> List[Span]:
+        """Split a Doc into sentence windows that fit the prompt."""
+        pieces = self.builder.word_pieces(doc[:])
+        counts = [len(ids) for ids in self.builder.encode_words(pieces)]
+        return make_windows(doc, counts, self.window_budget())
+
+    def make_prompts(self, docs: Sequence[Doc]) -> "tuple[List[Prompt], List[tuple]]":
+        """Build the prompts for a batch of docs.
+
+        RETURNS (Tuple[List[Prompt], List[tuple]]): The prompts, and for each prompt
+            (doc index, window, the window's word pieces).
+        """
+        prompts: List[Prompt] = []
+        owners: List[tuple] = []
+        for i, doc in enumerate(docs):
+            for window in self.windows(doc):
+                pieces = self.builder.word_pieces(window)
+                built = self.builder.build(pieces, self.label_infos)
+                prompts.extend(built)
+                owners.extend([(i, window, pieces)] * len(built))
+        return prompts, owners
+
+    # -- inference ------------------------------------------------------------------
+
+    def predict(self, docs: Iterable[Doc]) -> List[List[Candidate]]:
+        """Find entity candidates in a batch of docs, without modifying them.
+
+        RETURNS (List[List[Candidate]]): Candidate spans (all labels, overlaps included) per doc.
+        """
+        docs = list(docs)
+        self._require_labels()
+        candidates: List[List[Candidate]] = [[] for _ in docs]
+        prompts, owners = self.make_prompts(docs)
+        if not prompts:
+            return candidates
+        builder, fmt = self.builder, self.builder.format
+        model = self.model.model.eval()
+        stats = DecodingStats()
+        generations = generate(
+            model,
+            [p.ids for p in prompts],
+            end_id=fmt.end_id,
+            pad_id=self._pad_id(),
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            constraints=[CopyConstraint(p, fmt, self.ordered_spans) for p in prompts]
+            if self.constrained
+            else None,
+            stats=stats,
+        )
+        self.stats.add(stats)
+        unfinished = expanded = unmatched = 0
+        for prompt, (i, window, pieces), generation in zip(prompts, owners, generations):
+            unfinished += not generation.finished
+            if self.constrained:
+                answers = fmt.parse_ids(generation.ids, generation.logprobs, builder.decode)
+            else:
+                answers = fmt.parse_text(builder.decode(generation.ids), _mean_prob(generation.logprobs))
+            for answer in answers:
+                located = locate(pieces, answer.text)
+                expanded += located.expanded
+                unmatched += not located.ranges
+                for start, end in located.ranges:
+                    candidates[i].append(
+                        Candidate(window.start + start, window.start + end, prompt.label, answer.score)
+                    )
+        if unfinished:
+            logger.warning(
+                "%d of %d answers hit max_new_tokens=%d before ending; their last span was "
+                "left out. Raise `max_new_tokens` if this happens often.",
+                unfinished, len(prompts), self.max_new_tokens,
+            )
+        if expanded or unmatched:
+            logger.info(
+                "%d answer spans were expanded to token boundaries, %d not found in their sentence.",
+                expanded, unmatched,
+            )
+        return candidates
+
+    def set_annotations(self, docs: Iterable[Doc], candidates: List[List[Candidate]]) -> None:
+        """Set `doc.ents` (and the candidates span group, if configured)."""
+        for doc, found in zip(docs, candidates):
+            if self.candidates_key:
+                ordered = sorted(found, key=lambda c: (c.start, c.end, c.label))
+                group = SpanGroup(
+                    doc,
+                    name=self.candidates_key,
+                    spans=[Span(doc, c.start, c.end, label=c.label) for c in ordered],
+                    attrs={"scores": [c.score for c in ordered]},
+                )
+                doc.spans[self.candidates_key] = group
+            kept = [Span(doc, c.start, c.end, label=c.label) for c in resolve_overlaps(found, self.overlap)]
+            existing = list(doc.ents)
+            if self.overwrite_ents:
+                entities = kept + [e for e in existing if not _overlaps_any(e, kept)]
+            else:
+                entities = existing + [s for s in kept if not _overlaps_any(s, existing)]
+            doc.set_ents(sorted(entities, key=lambda s: s.start), default="outside")
+
+    def _pad_id(self) -> int:
+        tokenizer = self.model.tokenizer
+        for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    # -- serialization --------------------------------------------------------------
+
+    def _state(self) -> Dict[str, Any]:
+        return {
+            "labels": list(self.labels),
+            "label_descriptions": dict(self.cfg["label_descriptions"]),
+            "label_names": dict(self.cfg["label_names"]),
+            "base_model": self.model.source.description,
+        }
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        self._set_labels(state["labels"], state["label_descriptions"], state.get("label_names", {}))
+        saved_base = state.get("base_model")
+        if saved_base and saved_base != self.model.source.description and self.model.has_adapter:
+            logger.warning(
+                "The adapter of '%s' was trained on %s but is loaded on %s.",
+                self.name, saved_base, self.model.source.description,
+            )
+
+    def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = SimpleFrozenList()) -> None:
+        """Write the labels, descriptions and the LoRA adapter (not the base weights)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        srsly.write_json(path / "cfg", self._state())
+        adapter = self.model.adapter_state()
+        if adapter is not None and "adapter" not in exclude:
+            adapter.to_disk(path / "adapter")
+
+    def from_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = SimpleFrozenList()) -> "CLLMFSNer":
+        """Load what `to_disk` wrote. The base model comes from the pipeline's config."""
+        path = Path(path)
+        if (path / "adapter").exists() and "adapter" not in exclude:
+            self.model.set_adapter(AdapterState.from_disk(path / "adapter"))
+        self._load_state(srsly.read_json(path / "cfg"))
+        self._builder = None
+        return self
+
+    def to_bytes(self, *, exclude: Iterable[str] = SimpleFrozenList()) -> bytes:
+        """Serialize the labels, descriptions and LoRA adapter (not the base weights)."""
+        adapter = self.model.adapter_state()
+        return srsly.msgpack_dumps(
+            {
+                "cfg": self._state(),
+                "adapter": adapter.to_bytes() if adapter is not None and "adapter" not in exclude else None,
+            }
+        )
+
+    def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = SimpleFrozenList()) -> "CLLMFSNer":
+        """Load what `to_bytes` wrote."""
+        msg = srsly.msgpack_loads(bytes_data)
+        if msg.get("adapter") is not None:
+            self.model.set_adapter(AdapterState.from_bytes(msg["adapter"]))
+        self._load_state(msg["cfg"])
+        self._builder = None
+        return self
+
+
+def _overlaps_any(span: Span, others: Sequence[Span]) -> bool:
+    return any(span.start < other.end and other.start < span.end for other in others)
+
+
+def _mean_prob(logprobs: Sequence[float]) -> float:
+    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 1.0
+

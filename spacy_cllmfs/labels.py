@@ -1,0 +1,146 @@
+"""Entity labels as the prompt shows them: a readable name and a description."""
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+# normalized label -> (name shown in the prompt, description)
+KNOWN_LABELS: Dict[str, Tuple[str, str]] = {
+    # CoNLL-2003 / WikiNER short forms
+    "per": ("person", "names of people, real or fictional"),
+    "loc": ("location", "names of places such as cities, countries, regions, rivers and mountains"),
+    "org": ("organisation", "names of companies, institutions, agencies, teams and other organised groups"),
+    "misc": (
+        "miscellaneous",
+        "named entities that are not a person, location or organisation, such as "
+        "nationalities, events, works and products",
+    ),
+    # CrossNER
+    "person": ("person", "names of people, real or fictional"),
+    "location": ("location", "names of places such as cities, regions, rivers, mountains and buildings"),
+    "organisation": (
+        "organisation",
+        "names of companies, institutions, agencies, teams and other organised groups",
+    ),
+    "organization": (
+        "organization",
+        "names of companies, institutions, agencies, teams and other organised groups",
+    ),
+    "country": ("country", "names of countries and states"),
+    "event": ("event", "names of specific events such as wars, festivals, conferences and tournaments"),
+    "politician": ("politician", "names of people who hold or held political office or run for it"),
+    "politicalparty": ("political party", "names of political parties"),
+    "election": ("election", "names of specific elections, such as the 2004 presidential election"),
+    "scientist": ("scientist", "names of scientists and researchers"),
+    "astronomicalobject": ("astronomical object", "names of stars, planets, moons, galaxies and comets"),
+    "chemicalcompound": ("chemical compound", "names of chemical compounds and molecules"),
+    "chemicalelement": ("chemical element", "names of chemical elements"),
+    "academicjournal": ("academic journal", "names of scientific and academic journals"),
+    "award": ("award", "names of awards, prizes and honours"),
+    "protein": ("protein", "names of proteins"),
+    "enzyme": ("enzyme", "names of enzymes"),
+    "university": ("university", "names of universities and colleges"),
+    "discipline": ("discipline", "names of scientific or academic disciplines and fields of study"),
+    "theory": ("theory", "names of scientific theories, laws and principles"),
+    "musicalartist": ("musical artist", "names of singers, musicians, composers and other music artists"),
+    "band": ("band", "names of bands and musical groups"),
+    "musicgenre": ("music genre", "names of music genres and styles"),
+    "album": ("album", "titles of music albums"),
+    "song": ("song", "titles of songs and singles"),
+    "musicalinstrument": ("musical instrument", "names of musical instruments"),
+    "writer": ("writer", "names of writers, poets and authors"),
+    "book": ("book", "titles of books and novels"),
+    "poem": ("poem", "titles of poems"),
+    "magazine": ("magazine", "names of magazines and periodicals"),
+    "literarygenre": ("literary genre", "names of literary genres and forms"),
+    # OntoNotes 5 (spaCy's en_core_web_* labels)
+    "gpe": ("geopolitical entity", "names of countries, cities and states"),
+    "norp": ("nationality or group", "nationalities, religious or political groups"),
+    "fac": ("facility", "names of buildings, airports, highways and bridges"),
+    "product": ("product", "names of objects, vehicles, foods and other products"),
+    "workofart": ("work of art", "titles of books, songs, films and other works of art"),
+    "law": ("law", "names of laws and legal documents"),
+    "language": ("language", "names of languages"),
+    "date": ("date", "absolute or relative dates or periods"),
+    "time": ("time", "times smaller than a day"),
+    "percent": ("percent", "percentages"),
+    "money": ("money", "monetary values, including the unit"),
+    "quantity": ("quantity", "measurements such as weight or distance"),
+    "ordinal": ("ordinal", "ordinal numbers such as first and second"),
+    "cardinal": ("cardinal", "numerals that do not fall under another type"),
+}
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """One entity label: the spaCy label, the name the prompt uses, and its description."""
+
+    label: str
+    name: str
+    description: str
+
+
+def normalize_label(label: str) -> str:
+    """Lower-case a label and drop separators: "WORK_OF_ART" -> "workofart"."""
+    return re.sub(r"[\s_\-]+", "", label).lower()
+
+
+def default_name(label: str) -> str:
+    """The readable name of a label: "politicalparty" -> "political party"."""
+    known = KNOWN_LABELS.get(normalize_label(label))
+    if known:
+        return known[0]
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", label)
+    return re.sub(r"[\s_\-]+", " ", spaced).strip().lower()
+
+
+def default_description(label: str) -> str:
+    """A description for labels without one in the config."""
+    known = KNOWN_LABELS.get(normalize_label(label))
+    if known:
+        return known[1]
+    return f"named entities of the type {default_name(label)}"
+
+
+def validate_labels(labels: Iterable[str]) -> List[str]:
+    """Check labels: non-empty strings, no duplicates. Order is kept.
+
+    RAISES (ValueError): On an empty or non-string label, or a duplicate.
+    """
+    result: List[str] = []
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(
+                f"Invalid entity label {label!r}: labels must be non-empty strings, "
+                "e.g. labels = [\"person\", \"location\"]."
+            )
+        if label in result:
+            raise ValueError(f"Entity label '{label}' is listed twice. Fix: list each label once.")
+        result.append(label)
+    return result
+
+
+def label_infos(
+    labels: Iterable[str],
+    descriptions: Optional[Mapping[str, str]] = None,
+    names: Optional[Mapping[str, str]] = None,
+) -> List[LabelInfo]:
+    """Combine labels with configured (or default) names and descriptions.
+
+    RAISES (ValueError): If a description or name is given for a label that is not listed.
+    """
+    labels = validate_labels(labels)
+    for what, mapping in (("label_descriptions", descriptions), ("label_names", names)):
+        unknown = sorted(set(mapping or {}) - set(labels))
+        if unknown:
+            raise ValueError(
+                f"`{what}` has entries for {unknown}, which are not among the labels "
+                f"{labels}. Fix: correct the label names or add them to `labels`."
+            )
+    return [
+        LabelInfo(
+            label=label,
+            name=(names or {}).get(label) or default_name(label),
+            description=(descriptions or {}).get(label) or default_description(label),
+        )
+        for label in labels
+    ]

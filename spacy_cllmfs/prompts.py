@@ -1,0 +1,345 @@
+"""The prompt and answer format, shared by training and inference.
+
+One prompt per (sentence, label), as in CLLMFS:
+
+    Please extract the entity of {label} in the input sentence given below, the
+    entity of {label} refers to {description}.
+    Input sentence: {sentence}
+    -> I can extract entities for you, the extracted entities are <<< span >>> <<< span >>>
+
+The fixed start of the answer is part of the prompt, so the model only
+generates the spans and the end-of-answer token ("no entity" costs one step).
+
+Prompts are assembled from token ids, not re-tokenized as one string: the
+template's literal pieces are tokenized once, and the sentence is tokenized
+word by word (one spaCy token at a time, with its leading space). Every
+spaCy token therefore maps to a contiguous range of model tokens, answer
+spans are copies of those ranges, and training and inference see the very
+same ids. The ids before the first label-dependent piece are the same for
+all labels of a sentence (`Prompt.shared_len`), which is what a shared-prefix
+KV cache needs.
+"""
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from spacy.tokens import Span
+from spacy.util import registry
+
+from .labels import LabelInfo
+
+DEFAULT_INSTRUCTION = (
+    "Please extract the entity of {label} in the input sentence given below, "
+    "the entity of {label} refers to {description}.\nInput sentence: {sentence}"
+)
+DEFAULT_ANSWER_PREFIX = "I can extract entities for you, the extracted entities are"
+SPAN_OPEN = " <<<"
+SPAN_CLOSE = " >>>"
+SLOTS = ("label", "description", "sentence")
+_MARKS = {name: f"\x1f{name.upper()}\x1f" for name in SLOTS + ("answer",)}
+_MARK_RE = re.compile("(" + "|".join(re.escape(m) for m in _MARKS.values()) + ")")
+_SLOT_OF_MARK = {mark: name for name, mark in _MARKS.items()}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The prompt's text: instruction with {label}, {description} and {sentence}
+    placeholders, the fixed start of the answer, and the span delimiters.
+
+    use_chat_template (bool): Wrap the prompt in the tokenizer's chat template if it has one.
+    system_prompt (Optional[str]): A system message for chat templates (None: the template's).
+    """
+
+    instruction: str = DEFAULT_INSTRUCTION
+    answer_prefix: str = DEFAULT_ANSWER_PREFIX
+    span_open: str = SPAN_OPEN
+    span_close: str = SPAN_CLOSE
+    use_chat_template: bool = True
+    system_prompt: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        counts = {slot: self.instruction.count("{" + slot + "}") for slot in SLOTS}
+        if counts["sentence"] != 1 or counts["label"] < 1 or counts["description"] > 1:
+            raise ValueError(
+                "The prompt instruction must contain {sentence} exactly once, {label} at "
+                "least once and {description} at most once; got "
+                f"{counts} in {self.instruction!r}."
+            )
+        try:
+            self.instruction.format(**{slot: "" for slot in SLOTS})
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"The prompt instruction has an unknown placeholder ({err}). Only "
+                "{label}, {description} and {sentence} are filled in; write other "
+                "braces as {{ and }}."
+            ) from err
+        if not self.span_open.strip() or not self.span_close.strip():
+            raise ValueError("span_open and span_close must be visible delimiters like ' <<<'.")
+
+
+@registry.misc("spacy_cllmfs.prompt.v1")
+def prompt_v1(
+    instruction: str = DEFAULT_INSTRUCTION,
+    answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+    span_open: str = SPAN_OPEN,
+    span_close: str = SPAN_CLOSE,
+    use_chat_template: bool = True,
+    system_prompt: Optional[str] = None,
+) -> PromptTemplate:
+    """Registered CLLMFS prompt template (see the module docstring for the text)."""
+    return PromptTemplate(
+        instruction=instruction,
+        answer_prefix=answer_prefix,
+        span_open=span_open,
+        span_close=span_close,
+        use_chat_template=use_chat_template,
+        system_prompt=system_prompt,
+    )
+
+
+@dataclass
+class Prompt:
+    """The token ids of one (sentence, label) prompt, answer prefix included.
+
+    ids (List[int]): The prompt's token ids.
+    label (str): The spaCy label asked for.
+    shared_len (int): How many leading ids are the same for every label of this sentence.
+    word_spans (List[Tuple[int, int]]): Per spaCy token of the sentence, its [start, end)
+        positions in `ids` (empty for whitespace tokens, which the prompt leaves out).
+    label_positions (List[int]): Positions of the first mention of the label's name.
+    """
+
+    ids: List[int]
+    label: str
+    shared_len: int
+    word_spans: List[Tuple[int, int]]
+    label_positions: List[int]
+
+    def sentence_ids(self) -> List[int]:
+        """RETURNS (List[int]): The ids of the sentence, in order."""
+        return [t for s, e in self.word_spans for t in self.ids[s:e]]
+
+
+@dataclass
+class AnswerSpan:
+    """One span of a parsed answer: its text and a score in [0, 1]."""
+
+    text: str
+    score: float
+
+
+@dataclass
+class AnswerFormat:
+    """The token ids that delimit spans and end an answer."""
+
+    open_ids: List[int]
+    close_ids: List[int]
+    end_id: int
+    span_open: str = SPAN_OPEN
+    span_close: str = SPAN_CLOSE
+    _text_re: Any = field(default=None, repr=False)
+
+    def parse_ids(self, ids: Sequence[int], logprobs: Sequence[float], decode: Any) -> List[AnswerSpan]:
+        """Parse generated ids made under the copy constraint into spans.
+
+        Complete `open ... close` groups become spans; an unfinished group at the
+        end (the token budget ran out) is left out. The score is the geometric
+        mean probability of the span's tokens and its closing delimiter.
+        """
+        spans: List[AnswerSpan] = []
+        n_open, n_close = len(self.open_ids), len(self.close_ids)
+        i = 0
+        while i < len(ids):
+            if list(ids[i : i + n_open]) != self.open_ids:
+                i += 1
+                continue
+            start = i + n_open
+            end = _find(ids, self.close_ids, start)
+            if end < 0:
+                break
+            if end > start:
+                scored = list(logprobs[start : end + 1])
+                text = decode(list(ids[start:end])).strip()
+                if text:
+                    spans.append(AnswerSpan(text, math.exp(sum(scored) / len(scored))))
+            i = end + n_close
+        return spans
+
+    def parse_text(self, text: str, score: float = 1.0) -> List[AnswerSpan]:
+        """Parse free text like '<<< a >>> <<< b >>>' (unconstrained decoding, spacy-llm)."""
+        if self._text_re is None:
+            self._text_re = re.compile(
+                re.escape(self.span_open.strip()) + r"(.*?)" + re.escape(self.span_close.strip()),
+                re.DOTALL,
+            )
+        return [AnswerSpan(m.strip(), score) for m in self._text_re.findall(text) if m.strip()]
+
+
+class PromptBuilder:
+    """Turns (sentence, label) pairs into `Prompt`s and gold answers into ids.
+
+    template (PromptTemplate): The prompt text.
+    tokenizer: A Hugging Face tokenizer.
+    """
+
+    def __init__(self, template: PromptTemplate, tokenizer: Any) -> None:
+        self.template = template
+        self.tokenizer = tokenizer
+        prompt_text, after_answer = self._render(template, tokenizer)
+        self.pieces: List[Tuple[str, Any]] = []  # ("ids", List[int]) or (slot, leading text)
+        pending = ""
+        for part in _MARK_RE.split(prompt_text):
+            if part in _SLOT_OF_MARK:
+                self.pieces.append((_SLOT_OF_MARK[part], pending))
+                pending = ""
+            elif part:
+                stripped = part.rstrip(" ")
+                pending = part[len(stripped) :]
+                if stripped:
+                    self.pieces.append(("ids", self._encode(stripped)))
+        if pending:
+            self.pieces.append(("ids", self._encode(pending)))
+        self.sentence_lead = next(lead for kind, lead in self.pieces if kind == "sentence")
+        self.format = AnswerFormat(
+            open_ids=self._encode(template.span_open),
+            close_ids=self._encode(template.span_close),
+            end_id=self._end_id(after_answer),
+            span_open=template.span_open,
+            span_close=template.span_close,
+        )
+        self._cache: Dict[str, List[int]] = {}
+
+    def _render(self, template: PromptTemplate, tokenizer: Any) -> Tuple[str, str]:
+        user = template.instruction.format(**{slot: _MARKS[slot] for slot in SLOTS})
+        assistant = template.answer_prefix + _MARKS["answer"]
+        if template.use_chat_template and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            if template.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": template.system_prompt})
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        else:
+            bos = ""
+            probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+            if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id:
+                bos = tokenizer.bos_token
+            system = f"{template.system_prompt}\n\n" if template.system_prompt else ""
+            text = f"{bos}{system}### Instruction:\n{user}\n\n### Response:\n{assistant}"
+        if text.count(_MARKS["answer"]) != 1:
+            raise ValueError("The chat template altered the prompt; set use_chat_template = false.")
+        before, after = text.split(_MARKS["answer"])
+        return before, after
+
+    def _end_id(self, after_answer: str) -> int:
+        special = set(self.tokenizer.all_special_ids)
+        following = self._encode(after_answer) if after_answer.strip() else []
+        if following and following[0] in special:
+            return following[0]
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(
+                "The tokenizer has no end-of-sequence token, so answers cannot end. "
+                "Fix: use a tokenizer with an eos_token."
+            )
+        return int(self.tokenizer.eos_token_id)
+
+    def _encode(self, text: str) -> List[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_words(self, texts: List[str]) -> List[List[int]]:
+        """Tokenize word pieces (with their leading space), with a cache."""
+        missing = list({t for t in texts if t not in self._cache})
+        if missing:
+            encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache.update(zip(missing, (list(ids) for ids in encoded)))
+        return [self._cache[t] for t in texts]
+
+    def word_pieces(self, sentence: Span) -> List[str]:
+        """The text of each spaCy token as the prompt shows it: "" for whitespace
+        tokens, else the token with a leading space if whitespace precedes it."""
+        pieces: List[str] = []
+        space_before, first = True, True
+        for token in sentence:
+            if token.is_space:
+                pieces.append("")
+                space_before = True
+                continue
+            lead = self.sentence_lead if first else (" " if space_before else "")
+            pieces.append(lead + token.text)
+            space_before, first = bool(token.whitespace_), False
+        return pieces
+
+    def count_tokens(self, sentence: Span) -> int:
+        """RETURNS (int): The number of model tokens the sentence takes in a prompt."""
+        pieces = [p for p in self.word_pieces(sentence) if p]
+        return sum(len(ids) for ids in self.encode_words(pieces))
+
+    def overhead(self, label: LabelInfo) -> int:
+        """RETURNS (int): The number of prompt tokens that are not the sentence."""
+        empty = self._assemble([], label)
+        return len(empty.ids)
+
+    def build(self, pieces: Sequence[str], labels: Sequence[LabelInfo]) -> List[Prompt]:
+        """Build one prompt per label for a sentence given as `word_pieces`."""
+        encoded = self.encode_words([p for p in pieces if p])
+        words: List[List[int]] = []
+        it = iter(encoded)
+        for piece in pieces:
+            words.append(next(it) if piece else [])
+        return [self._assemble(words, label) for label in labels]
+
+    def _assemble(self, words: List[List[int]], label: LabelInfo) -> Prompt:
+        ids: List[int] = []
+        shared_len: Optional[int] = None
+        word_spans: List[Tuple[int, int]] = []
+        label_positions: List[int] = []
+        for kind, value in self.pieces:
+            if kind == "ids":
+                ids.extend(value)
+            elif kind == "sentence":
+                for word in words:
+                    word_spans.append((len(ids), len(ids) + len(word)))
+                    ids.extend(word)
+            else:
+                if shared_len is None:
+                    shared_len = len(ids)
+                text = value + (label.name if kind == "label" else label.description)
+                start = len(ids)
+                ids.extend(self.encode_words([text])[0])
+                if kind == "label" and not label_positions:
+                    label_positions = list(range(start, len(ids)))
+        return Prompt(
+            ids=ids,
+            label=label.label,
+            shared_len=len(ids) if shared_len is None else shared_len,
+            word_spans=word_spans,
+            label_positions=label_positions,
+        )
+
+    def answer_ids(self, prompt: Prompt, spans: Sequence[Tuple[int, int]]) -> List[int]:
+        """The gold answer for `prompt`: spans given as [start, end) word indices of the
+        sentence, copied from the prompt in order of their start, then the end token."""
+        fmt = self.format
+        ids: List[int] = []
+        for start, end in sorted(set(spans)):
+            positions = [p for s, e in prompt.word_spans[start:end] for p in range(s, e)]
+            if not positions:
+                continue
+            ids.extend(fmt.open_ids)
+            ids.extend(prompt.ids[positions[0] : positions[-1] + 1])
+            ids.extend(fmt.close_ids)
+        ids.append(fmt.end_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Turn ids back into text."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _find(seq: Sequence[int], sub: Sequence[int], start: int) -> int:
+    n = len(sub)
+    for i in range(start, len(seq) - n + 1):
+        if list(seq[i : i + n]) == list(sub):
+            return i
+    return -1

@@ -1,0 +1,106 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from spacy.tokens import DocBin
+from spacy.vocab import Vocab
+from typer.testing import CliRunner
+
+from spacy_cllmfs.cli import app
+from spacy_cllmfs.corpora import load_docbin, make_doc
+from spacy_cllmfs.sampling import label_counts
+
+FIXTURES = Path(__file__).parent / "fixtures"
+runner = CliRunner()
+
+
+def test_convert(tmp_path):
+    output = tmp_path / "out" / "train.spacy"
+    result = runner.invoke(app, ["convert", str(FIXTURES / "crossner_sample.txt"), str(output)])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 12 docs" in result.output
+    assert len(load_docbin(output, Vocab())) == 12
+
+
+def test_convert_format_and_lang(tmp_path):
+    output = tmp_path / "io.spacy"
+    result = runner.invoke(
+        app, ["convert", str(FIXTURES / "io_sample.txt"), str(output), "--format", "io", "--lang", "de"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Wrote 3 docs" in result.output
+
+
+def test_convert_reports_alignment_warning(tmp_path):
+    result = runner.invoke(app, ["convert", str(FIXTURES / "spacy_sample.jsonl"), str(tmp_path / "x.spacy")])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 5 docs" in result.output
+    assert "Warning:" in result.stderr and "spacy_sample.jsonl:4" in result.stderr
+
+
+def test_convert_error_exit_code(tmp_path):
+    result = runner.invoke(app, ["convert", str(FIXTURES / "malformed_one_column.txt"), str(tmp_path / "x.spacy")])
+    assert result.exit_code == 1
+    assert "malformed_one_column.txt:6" in result.stderr and "Fix:" in result.stderr
+    assert not (tmp_path / "x.spacy").exists()
+    args = ["convert", str(FIXTURES / "crossner_sample.txt"), str(tmp_path / "x.spacy"), "-f", "xml"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Unknown format 'xml'" in result.stderr
+
+
+def test_sample(tmp_path):
+    train = tmp_path / "train.spacy"
+    assert runner.invoke(app, ["convert", str(FIXTURES / "crossner_sample.txt"), str(train)]).exit_code == 0
+    output = tmp_path / "sample" / "k1.spacy"
+    args = ["sample", str(train), str(output), "--k", "1", "--seed", "3", "--labels", "politician,location"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    docs = load_docbin(output, Vocab())
+    counts = label_counts(docs)
+    assert set(counts) == {"politician", "location"}
+    assert all(1 <= n <= 2 for n in counts.values())
+    assert f"Sampled {len(docs)} of 12 sentences" in result.output
+    assert f"politician\t{counts['politician']}" in result.output
+    again = tmp_path / "again.spacy"
+    args[2] = str(again)
+    assert runner.invoke(app, args).exit_code == 0
+    assert [d.text for d in load_docbin(again, Vocab())] == [d.text for d in docs]
+
+
+def test_sample_warns_when_data_runs_out(tmp_path):
+    train = tmp_path / "train.spacy"
+    vocab = Vocab()
+    DocBin(docs=[make_doc(vocab, ["a", "b"], [(0, 1, "X")])]).to_disk(train)
+    result = runner.invoke(app, ["sample", str(train), str(tmp_path / "s.spacy"), "--k", "5"])
+    assert result.exit_code == 0, result.output
+    assert "Sampled 1 of 1 sentences" in result.output
+    assert "Warning:" in result.stderr and "'X': 1" in result.stderr
+
+
+def test_sample_missing_input(tmp_path):
+    result = runner.invoke(app, ["sample", str(tmp_path / "missing.spacy"), str(tmp_path / "s.spacy")])
+    assert result.exit_code == 1
+    assert "missing.spacy" in result.stderr and "python -m spacy_cllmfs convert" in result.stderr
+
+
+def test_python_m_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "spacy_cllmfs", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "convert" in result.stdout and "sample" in result.stdout
+
+
+def test_demo_annotates_texts(tiny_model_path):
+    from spacy_cllmfs.cli import app
+
+    result = CliRunner().invoke(app, [
+        "demo", "--model", str(tiny_model_path), "--device", "cpu", "--labels", "person,location",
+        "--text", "Barack Obama visited Paris.", "--text", "Nothing here."])
+    assert result.exit_code == 0, result.output
+    # (transformers' loading progress bar may precede the first line)
+    assert "Barack Obama visited Paris.\n  -> " in result.output
+    assert "\nNothing here.\n  -> " in result.output

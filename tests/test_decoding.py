@@ -1,0 +1,105 @@
+import pytest
+import spacy
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spacy_cllmfs.alignment import locate
+from spacy_cllmfs.constraints import CopyConstraint
+from spacy_cllmfs.decoding import DecodingStats, generate
+from spacy_cllmfs.labels import LabelInfo
+from spacy_cllmfs.prompts import PromptBuilder, prompt_v1
+
+LABELS = [LabelInfo("person", "person", "names of people"), LabelInfo("location", "location", "places")]
+TEXTS = [
+    "Barack Obama visited Paris.",
+    "Angela Merkel met Marie Curie in Geneva and New York with Obama.",
+    "Hi.",
+    "The Labour Party won the 1997 general election in the United Kingdom.",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    builder = PromptBuilder(prompt_v1(), tokenizer)
+    nlp = spacy.blank("en")
+    pieces = [builder.word_pieces(nlp(t)[:]) for t in TEXTS]
+    prompts = [p for ps in pieces for p in builder.build(ps, LABELS)]
+    owners = [ps for ps in pieces for _ in LABELS]
+    return model, tokenizer, builder, prompts, owners
+
+
+def run(setup, constrained, **kwargs):
+    model, tokenizer, builder, prompts, _ = setup
+    fmt = builder.format
+    constraints = [CopyConstraint(p, fmt) for p in prompts] if constrained else None
+    return generate(model, [p.ids for p in prompts], end_id=fmt.end_id, pad_id=tokenizer.pad_token_id,
+                    constraints=constraints, **kwargs)
+
+
+def test_free_decoding_matches_transformers_generate(setup):
+    model, tokenizer, builder, prompts, _ = setup
+    ours = run(setup, False, max_new_tokens=12, batch_size=3)
+    for prompt, generation in zip(prompts, ours):
+        reference = model.generate(
+            torch.tensor([prompt.ids]), max_new_tokens=12, do_sample=False,
+            eos_token_id=builder.format.end_id, pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt.ids):].tolist()
+        if builder.format.end_id in reference:
+            reference = reference[: reference.index(builder.format.end_id)]
+        assert generation.ids == reference
+
+
+def test_batched_equals_one_by_one(setup):
+    for constrained in (False, True):
+        batched = run(setup, constrained, max_new_tokens=16, batch_size=8)
+        single = run(setup, constrained, max_new_tokens=16, batch_size=1)
+        assert [g.ids for g in batched] == [g.ids for g in single]
+        for a, b in zip(batched, single):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_constrained_answers_always_parse_to_input_spans(setup):
+    _, _, builder, prompts, owners = setup
+    free = run(setup, False, max_new_tokens=16)
+    # the random model's free output is junk: not a single well-formed span
+    assert not any(builder.format.parse_text(builder.decode(g.ids)) for g in free)
+    constrained = run(setup, True, max_new_tokens=64)
+    n_spans = 0
+    for generation, pieces in zip(constrained, owners):
+        assert generation.finished
+        text = builder.decode(generation.ids)
+        spans = builder.format.parse_ids(generation.ids, generation.logprobs, builder.decode)
+        assert text.count(builder.format.span_open.strip()) == len(spans)
+        for span in spans:
+            assert 0.0 < span.score <= 1.0
+            located = locate(pieces, span.text)
+            assert located.ranges and not located.expanded
+        n_spans += len(spans)
+    assert n_spans > 0
+
+
+def test_finished_rows_leave_the_batch(setup):
+    _, _, builder, prompts, _ = setup
+    stats = DecodingStats()
+    generations = run(setup, True, max_new_tokens=64, batch_size=len(prompts), stats=stats)
+    lengths = [len(g.ids) + 1 for g in generations]  # + the end token
+    # every row is computed for exactly as many steps as its answer is long
+    assert stats.row_steps == sum(lengths)
+    assert stats.forward_passes == max(lengths)
+    assert stats.row_steps < len(prompts) * max(lengths)
+
+
+def test_budget_cuts_answers_and_flags_them(setup):
+    generations = run(setup, False, max_new_tokens=3)
+    assert all(len(g.ids) <= 3 for g in generations)
+    assert any(not g.finished for g in generations)
+
+
+def test_argument_errors(setup):
+    model, tokenizer, builder, prompts, _ = setup
+    with pytest.raises(ValueError, match="constraints"):
+        generate(model, [prompts[0].ids], end_id=1, pad_id=0, constraints=[])
+    with pytest.raises(ValueError, match=">= 1"):
+        generate(model, [prompts[0].ids], end_id=1, pad_id=0, batch_size=0)

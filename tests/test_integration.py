@@ -1,0 +1,60 @@
+"""Integration tests with the embedded SmolLM2-135M-Instruct model (GGUF)."""
+import pytest
+import spacy
+
+from conftest import randomize_adapter
+from spacy_cllmfs.embedded import EMBEDDED_SHA256, embedded_model_path, file_sha256
+
+pytestmark = pytest.mark.integration
+
+LABELS = ["person", "location", "organisation"]
+TEXTS = [
+    "Barack Obama visited Paris with Angela Merkel in 2009.",
+    "The Labour Party won the 1997 general election in the United Kingdom.",
+    "Marie Curie worked at the University of Paris.",
+    "Nothing to see here.",
+    "",
+    "Les Misérables 🎭 opened at the Théâtre du Châtelet in Paris.",
+]
+
+
+def ents(doc):
+    return [(e.start, e.end, e.label_) for e in doc.ents]
+
+
+@pytest.fixture(scope="module")
+def smol_nlp():
+    nlp = spacy.blank("en")
+    nlp.add_pipe("cllmfs_ner", config={
+        "labels": LABELS, "model": {"device": "cpu"}, "max_new_tokens": 48, "candidates_key": "cands"})
+    return nlp
+
+
+def test_embedded_model_is_the_pinned_file():
+    assert file_sha256(embedded_model_path()) == EMBEDDED_SHA256
+
+
+def test_batched_constrained_inference_matches_single_calls(smol_nlp):
+    piped = list(smol_nlp.pipe(TEXTS, batch_size=4))
+    assert [d.text for d in piped] == TEXTS
+    assert [ents(d) for d in piped] == [ents(smol_nlp(t)) for t in TEXTS]
+    ner = smol_nlp.get_pipe("cllmfs_ner")
+    assert ner.model.model.config.model_type == "llama"
+    n_candidates = 0
+    for doc in piped:
+        for span, score in zip(doc.spans["cands"], doc.spans["cands"].attrs["scores"]):
+            assert span.label_ in LABELS and 0.0 < score <= 1.0
+            assert span.text.strip() == span.text and span.text
+            n_candidates += 1
+        assert all(e.label_ in LABELS for e in doc.ents)
+    assert n_candidates > 0
+
+
+def test_to_disk_and_load_give_identical_results(smol_nlp, tmp_path):
+    randomize_adapter(smol_nlp.get_pipe("cllmfs_ner"), seed=1, scale=0.02)
+    expected = [ents(d) for d in smol_nlp.pipe(TEXTS)]
+    smol_nlp.to_disk(tmp_path / "pipeline")
+    size = sum(p.stat().st_size for p in (tmp_path / "pipeline").rglob("*") if p.is_file())
+    assert size < 60_000_000  # the adapter only, not the base weights
+    loaded = spacy.load(tmp_path / "pipeline")
+    assert [ents(d) for d in loaded.pipe(TEXTS)] == expected
