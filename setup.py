@@ -33,6 +33,8 @@ setup(
             "spacy_cllmfs.HFCausalLM.v1 = spacy_cllmfs.models:hf_causal_lm_v1",
             "spacy_cllmfs.LoRA.v1 = spacy_cllmfs.models:lora_v1",
             "spacy_cllmfs.prompt.v1 = spacy_cllmfs.prompts:prompt_v1",
+            "spacy_cllmfs.training.v1 = spacy_cllmfs.training:training_v1",
         ],
+        "spacy_callbacks": ["spacy_cllmfs.checkpoint.v1 = spacy_cllmfs.callbacks:checkpoint_v1"],
     },
 )

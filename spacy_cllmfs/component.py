@@ -5,15 +5,20 @@ alignment or loss logic of its own:
 docs -> windows -> prompts (one per window and label) -> batched constrained
 decoding -> answers -> spans -> `Doc.ents`.
 """
+import contextlib
 import logging
 import math
+import random
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import srsly
+import torch
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
 from spacy.tokens import Doc, Span, SpanGroup
+from spacy.training import Example, validate_examples, validate_get_examples
 from spacy.util import SimpleFrozenList
 from spacy.vocab import Vocab
 from thinc.api import Config
@@ -25,6 +30,17 @@ from .decoding import DecodingStats, generate
 from .labels import LabelInfo, label_infos, validate_labels
 from .models import HFCausalLM
 from .prompts import Prompt, PromptBuilder, PromptTemplate
+from .training import (
+    LoRAOptimizer,
+    Normalizers,
+    TrainingItem,
+    TrainingSettings,
+    backward,
+    batch_loss,
+    collate,
+    make_items,
+    micro_batches,
+)
 from .windows import make_windows
 
 logger = logging.getLogger("spacy_cllmfs")
@@ -46,6 +62,11 @@ target_modules = "all-linear"
 
 [prompt]
 @misc = "spacy_cllmfs.prompt.v1"
+
+[training]
+@misc = "spacy_cllmfs.training.v1"
+contrastive_weight = 0.1
+fgm_epsilon = 0.0
 
 [scorer]
 @scorers = "spacy.ner_scorer.v1"
@@ -71,6 +92,7 @@ WINDOW_MARGIN = 8  # model tokens kept free in each window for tokenization drif
         "overwrite_ents": False,
         "overlap": "longest",
         "candidates_key": None,
+        "training": DEFAULT_CONFIG["training"],
         "scorer": DEFAULT_CONFIG["scorer"],
     },
     default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
@@ -91,6 +113,7 @@ def make_cllmfs_ner(
     overwrite_ents: bool,
     overlap: str,
     candidates_key: Optional[str],
+    training: TrainingSettings,
     scorer: Optional[Callable],
 ) -> "CLLMFSNer":
     """Construct a `cllmfs_ner` component (see `CLLMFSNer` for the settings)."""
@@ -110,6 +133,7 @@ def make_cllmfs_ner(
         overwrite_ents=overwrite_ents,
         overlap=overlap,
         candidates_key=candidates_key,
+        training=training,
         scorer=scorer,
     )
 
@@ -136,6 +160,7 @@ class CLLMFSNer(TrainablePipe):
     overlap (str): How overlapping predictions are resolved: "longest" or "score".
     candidates_key (Optional[str]): Keep every candidate span, with scores in
         `attrs["scores"]`, in `doc.spans[candidates_key]`.
+    training (TrainingSettings): Loss and batching settings used by `update`.
     scorer (Optional[Callable]): The scoring method (spaCy's NER scorer).
     """
 
@@ -157,6 +182,7 @@ class CLLMFSNer(TrainablePipe):
         overwrite_ents: bool = False,
         overlap: str = "longest",
         candidates_key: Optional[str] = None,
+        training: Optional[TrainingSettings] = None,
         scorer: Optional[Callable] = None,
     ) -> None:
         for setting, value in (
@@ -180,8 +206,12 @@ class CLLMFSNer(TrainablePipe):
         self.overwrite_ents = overwrite_ents
         self.overlap = overlap
         self.candidates_key = candidates_key
+        self.training = training if training is not None else TrainingSettings()
         self.scorer = scorer
         self.stats = DecodingStats()
+        self.last_losses: Dict[str, float] = {}
+        self._optimizer: Optional[LoRAOptimizer] = None
+        self._rng = random.Random(self.training.seed)
         self.cfg: Dict[str, Any] = {"labels": [], "label_descriptions": {}, "label_names": {}}
         self._set_labels(labels, label_descriptions or {}, label_names or {})
         self._builder: Optional[PromptBuilder] = None
@@ -364,6 +394,176 @@ class CLLMFSNer(TrainablePipe):
             if candidate is not None:
                 return int(candidate)
         return 0
+
+    # -- training -------------------------------------------------------------------
+
+    def initialize(
+        self,
+        get_examples: Callable[[], Iterable[Example]],
+        *,
+        nlp: Optional[Language] = None,
+        labels: Optional[List[str]] = None,
+        label_descriptions: Optional[Dict[str, str]] = None,
+        resume_from: Optional[str] = None,
+    ) -> None:
+        """Set the labels (from `labels`, the config, or the examples), attach a fresh
+        LoRA adapter (unless one was loaded) and reset the optimizer.
+
+        get_examples (Callable[[], Iterable[Example]]): Returns gold examples.
+        nlp (Language): The pipeline.
+        labels (Optional[List[str]]): Labels to use (`[initialize.components.NAME]`).
+        label_descriptions (Optional[Dict[str, str]]): Descriptions to use.
+        resume_from (Optional[str]): A checkpoint folder written by the
+            `spacy_cllmfs.checkpoint.v1` callback to continue training from.
+        """
+        validate_get_examples(get_examples, "CLLMFSNer.initialize")
+        descriptions = label_descriptions if label_descriptions is not None else self.cfg["label_descriptions"]
+        if labels is None and not self.labels:
+            labels = []
+            for example in get_examples():
+                labels.extend(e.label_ for e in example.reference.ents if e.label_ not in labels)
+            labels.sort()
+        self._set_labels(labels if labels is not None else self.labels, descriptions)
+        self._require_labels()
+        self.model.ensure_lora()
+        self._optimizer = None
+        self._rng = random.Random(self.training.seed)
+        if resume_from:
+            self.load_checkpoint(resume_from)
+
+    def training_items(self, examples: Iterable[Example]) -> List[TrainingItem]:
+        """Turn gold examples into prompts with their answers (see `training.make_items`)."""
+        return make_items(self.builder, self.windows, list(examples), self.label_infos, self.training, self._rng)
+
+    def _trainable_model(self) -> Any:
+        self.model.ensure_lora()
+        model = self.model.model
+        if self.training.gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _layer(self, model: Any) -> int:
+        n_layers = getattr(model.config, "num_hidden_layers", None) or len(model.model.layers)
+        return self.training.layer_index(n_layers)
+
+    def update(
+        self,
+        examples: Iterable[Example],
+        *,
+        drop: float = 0.0,
+        sgd: Optional[Any] = None,
+        losses: Optional[Dict[str, float]] = None,
+    ) -> Dict[str, float]:
+        """Learn from a batch of gold examples: accumulate LoRA gradients over
+        micro-batches, and step the optimizer if `sgd` is given.
+
+        drop (float): Not used: LoRA dropout is set in the model's `lora` block.
+        sgd (thinc.api.Optimizer): Its settings drive the LoRA optimizer step.
+        RETURNS (Dict[str, float]): `losses`, with this component's loss added.
+        """
+        if losses is None:
+            losses = {}
+        losses.setdefault(self.name, 0.0)
+        examples = list(examples)
+        validate_examples(examples, "CLLMFSNer.update")
+        self._require_labels()
+        items = self.training_items(examples)
+        if not items:
+            return losses
+        model = self._trainable_model().train()
+        layer = self._layer(model)
+        norms = Normalizers.of(items, self.training)
+        totals: Dict[str, float] = {}
+        try:
+            for chunk in micro_batches(items, self.training.micro_batch_size):
+                batch = collate(chunk, self._pad_id(), self.model.device, self.training.answer_only_loss)
+                for key, value in backward(model, batch, self.training, layer, norms).items():
+                    totals[key] = totals.get(key, 0.0) + value
+        finally:
+            model.eval()
+        self.last_losses = totals
+        losses[self.name] += totals["loss"]
+        if sgd not in (None, False):
+            self.finish_update(sgd)
+        return losses
+
+    def get_loss(self, examples: Iterable[Example], scores: Any = None) -> Tuple[float, Dict[str, float]]:
+        """Compute the training loss on gold examples, without gradients.
+
+        scores: Not used (the loss is computed from the examples).
+        RETURNS (Tuple[float, Dict[str, float]]): The loss and its parts ("lm",
+            "contrastive"). There is no gradient to return: it stays inside torch.
+        """
+        self._require_labels()
+        items = self.training_items(list(examples))
+        if not items:
+            return 0.0, {}
+        model = self.model.model.eval()
+        layer = self._layer(model)
+        norms = Normalizers.of(items, self.training)
+        totals: Dict[str, float] = {}
+        with torch.no_grad():
+            for chunk in micro_batches(items, self.training.micro_batch_size):
+                batch = collate(chunk, self._pad_id(), self.model.device, self.training.answer_only_loss)
+                loss, parts = batch_loss(model, batch, self.training, layer, norms)
+                parts["loss"] = float(loss)
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        return totals["loss"], totals
+
+    def finish_update(self, sgd: Any) -> None:
+        """Update the LoRA weights with the accumulated gradients.
+
+        sgd (thinc.api.Optimizer): Provides the learn rate, betas, eps, L2 and grad_clip.
+        """
+        if self._optimizer is None:
+            self._optimizer = LoRAOptimizer(self.model.trainable_parameters())
+        self._optimizer.step(sgd)
+
+    @contextlib.contextmanager
+    def use_params(self, params: Dict) -> Iterator[None]:
+        """Parameter averages are not kept for the LoRA weights: they are used as they are."""
+        yield
+
+    def save_checkpoint(self, path: Union[str, Path], **meta: Any) -> None:
+        """Write the adapter, the optimizer state and `meta` (e.g. the step) to `path`.
+        The folder is replaced as a whole, so an interrupted save leaves the last one."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        adapter = self.model.adapter_state()
+        if adapter is not None:
+            adapter.to_disk(tmp / "adapter")
+        if self._optimizer is not None:
+            torch.save(self._optimizer.state_dict(), tmp / "optimizer.pt")
+        srsly.write_json(tmp / "state.json", {**self._state(), **meta})
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+
+    def load_checkpoint(self, path: Union[str, Path]) -> Dict[str, Any]:
+        """Continue from a checkpoint written by `save_checkpoint`.
+
+        RETURNS (Dict[str, Any]): The checkpoint's state (labels, step, ...).
+        """
+        path = Path(path)
+        if not (path / "state.json").exists():
+            raise FileNotFoundError(
+                f"No cllmfs_ner checkpoint in '{path}' (no state.json). Fix: point "
+                "`resume_from` at a folder written by the spacy_cllmfs.checkpoint.v1 callback."
+            )
+        state = srsly.read_json(path / "state.json")
+        if (path / "adapter").exists():
+            self.model.set_adapter(AdapterState.from_disk(path / "adapter"))
+        self._load_state(state)
+        self.model.ensure_lora()
+        self._optimizer = None
+        if (path / "optimizer.pt").exists():
+            self._optimizer = LoRAOptimizer(self.model.trainable_parameters())
+            self._optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.model.device))
+        return state
 
     # -- serialization --------------------------------------------------------------
 

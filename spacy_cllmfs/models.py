@@ -290,6 +290,7 @@ class HFCausalLM:
 
     def ensure_lora(self) -> None:
         """Attach a fresh, trainable LoRA adapter unless one is attached already."""
+        self.load()  # applies the configured adapter, if any
         if self._peft is None:
             self._attach(self.lora.peft_config())
         for name, param in self._peft.named_parameters():

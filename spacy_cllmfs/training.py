@@ -1,0 +1,393 @@
+"""Training: gold examples -> prompts with answers -> batches -> losses -> LoRA updates.
+
+How the optimizer steps. Only the LoRA weights train, and they live in torch
+(on the component's own device). The component owns a `torch.optim.AdamW`
+over them instead of letting thinc's optimizer update the weights through a
+PyTorch shim: the shim copies every parameter and gradient to thinc arrays
+(cupy on a GPU, which needs a cupy build that matches the CUDA there), and it
+cannot keep optimizer state for mixed precision. The thinc optimizer that
+`spacy train` passes to `finish_update` still drives every step: its current
+learn rate (schedules included, since spaCy steps them), betas, eps, L2
+(as AdamW weight decay) and grad_clip are read each time, so
+`[training.optimizer]` settings take effect as usual.
+"""
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from spacy.tokens import Span
+from spacy.training import Example
+from spacy.util import registry
+
+from .labels import LabelInfo
+from .losses import (
+    CONTRASTIVE_LOSSES,
+    IGNORE_INDEX,
+    ContrastiveTargets,
+    contrastive_loss,
+    contrastive_terms,
+    fgm_delta,
+    lm_loss,
+)
+from .prompts import Prompt, PromptBuilder
+
+
+@dataclass
+class TrainingSettings:
+    """How `update` trains the adapter.
+
+    contrastive_weight (float): Lambda, the weight of the contrastive loss (0 turns it off).
+    contrastive_layer (Optional[int]): Hidden layer for the contrastive loss (1..n_layers,
+        negative counts from the end); None picks about 3/4 of the depth.
+    contrastive_loss (str): "infonce" or "pairwise" (BANER's sigmoid loss).
+    temperature (float): InfoNCE temperature.
+    max_negatives (int): Negatives per prompt: the tokens next to each boundary first,
+        then other tokens outside the label's entities.
+    negative_ratio (float): Fraction of (sentence, label) prompts without an entity that
+        are trained on (they teach the model to answer "nothing").
+    answer_only_loss (bool): Compute the LM loss on the answer tokens only.
+    fgm_epsilon (float): Size of the FGM adversarial perturbation of the input
+        embeddings (0 turns it off).
+    micro_batch_size (int): Prompts per forward/backward pass; gradients of a spaCy
+        batch are accumulated over its micro-batches.
+    mixed_precision (bool): bfloat16 autocast when training on a GPU.
+    gradient_checkpointing (bool): Trade compute for activation memory.
+    seed (int): Seed for sampling prompts without entities and negatives.
+    """
+
+    contrastive_weight: float = 0.1
+    contrastive_layer: Optional[int] = None
+    contrastive_loss: str = "infonce"
+    temperature: float = 0.1
+    max_negatives: int = 8
+    negative_ratio: float = 1.0
+    answer_only_loss: bool = True
+    fgm_epsilon: float = 0.0
+    micro_batch_size: int = 8
+    mixed_precision: bool = True
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.contrastive_weight >= 0, "contrastive_weight must be >= 0"),
+            (self.contrastive_loss in CONTRASTIVE_LOSSES, f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.max_negatives >= 1, "max_negatives must be >= 1"),
+            (0.0 <= self.negative_ratio <= 1.0, "negative_ratio must be in [0, 1]"),
+            (self.fgm_epsilon >= 0, "fgm_epsilon must be >= 0"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.contrastive_layer != 0, "contrastive_layer 0 is the embedding layer; use 1..n_layers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"cllmfs_ner training settings: {message}.")
+
+    def layer_index(self, n_layers: int) -> int:
+        """RETURNS (int): The index into `hidden_states` (0 = embeddings) of the layer to use."""
+        if self.contrastive_layer is None:
+            return max(1, round(n_layers * 0.75))
+        index = self.contrastive_layer if self.contrastive_layer > 0 else n_layers + 1 + self.contrastive_layer
+        if not 1 <= index <= n_layers:
+            raise ValueError(f"contrastive_layer {self.contrastive_layer} is out of range for {n_layers} layers.")
+        return index
+
+
+@registry.misc("spacy_cllmfs.training.v1")
+def training_v1(
+    contrastive_weight: float = 0.1,
+    contrastive_layer: Optional[int] = None,
+    contrastive_loss: str = "infonce",
+    temperature: float = 0.1,
+    max_negatives: int = 8,
+    negative_ratio: float = 1.0,
+    answer_only_loss: bool = True,
+    fgm_epsilon: float = 0.0,
+    micro_batch_size: int = 8,
+    mixed_precision: bool = True,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+) -> TrainingSettings:
+    """Registered training settings of `cllmfs_ner` (see `TrainingSettings`)."""
+    return TrainingSettings(
+        contrastive_weight=contrastive_weight,
+        contrastive_layer=contrastive_layer,
+        contrastive_loss=contrastive_loss,
+        temperature=temperature,
+        max_negatives=max_negatives,
+        negative_ratio=negative_ratio,
+        answer_only_loss=answer_only_loss,
+        fgm_epsilon=fgm_epsilon,
+        micro_batch_size=micro_batch_size,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+        seed=seed,
+    )
+
+
+@dataclass
+class TrainingItem:
+    """One (sentence, label) prompt with its gold answer and contrastive positions."""
+
+    prompt: Prompt
+    answer: List[int]
+    targets: Optional[ContrastiveTargets]
+
+    @property
+    def ids(self) -> List[int]:
+        return self.prompt.ids + self.answer
+
+
+def make_items(
+    builder: PromptBuilder,
+    windows: Callable[[Any], List[Span]],
+    examples: Sequence[Example],
+    labels: Sequence[LabelInfo],
+    settings: TrainingSettings,
+    rng: random.Random,
+) -> List[TrainingItem]:
+    """Turn gold examples into training prompts: one per sentence window and label.
+
+    Prompts whose label has no entity in the window are kept with probability
+    `settings.negative_ratio`. Entities that cross a window boundary cannot be
+    answered and are left out of that window's answers.
+    """
+    items: List[TrainingItem] = []
+    wanted = {info.label for info in labels}
+    for example in examples:
+        doc = example.reference
+        gold = [ent for ent in doc.ents if ent.label_ in wanted]
+        for window in windows(doc):
+            pieces = builder.word_pieces(window)
+            prompts = builder.build(pieces, labels)
+            for prompt in prompts:
+                spans = [
+                    (ent.start - window.start, ent.end - window.start)
+                    for ent in gold
+                    if ent.label_ == prompt.label and ent.start >= window.start and ent.end <= window.end
+                ]
+                if not spans and rng.random() >= settings.negative_ratio:
+                    continue
+                answer = builder.answer_ids(prompt, spans)
+                targets = contrastive_targets(prompt, spans, settings.max_negatives, rng) if spans else None
+                items.append(TrainingItem(prompt, answer, targets))
+    return items
+
+
+def contrastive_targets(
+    prompt: Prompt, spans: Sequence[Tuple[int, int]], max_negatives: int, rng: random.Random
+) -> Optional[ContrastiveTargets]:
+    """Anchor, positive and negative positions of one prompt (see `losses`)."""
+    tokens = [pos for start, end in prompt.word_spans for pos in range(start, end)]
+    inside, positives, hard = set(), [], []
+    for start, end in spans:
+        positions = [p for s, e in prompt.word_spans[start:end] for p in range(s, e)]
+        if not positions:
+            continue
+        inside.update(positions)
+        positives.extend(sorted({positions[0], positions[-1]}))
+        index_first, index_last = tokens.index(positions[0]), tokens.index(positions[-1])
+        if index_first > 0:
+            hard.append(tokens[index_first - 1])
+        if index_last + 1 < len(tokens):
+            hard.append(tokens[index_last + 1])
+    negatives = list(dict.fromkeys(p for p in hard if p not in inside))[:max_negatives]
+    others = [p for p in tokens if p not in inside and p not in negatives]
+    rng.shuffle(others)
+    negatives.extend(others[: max_negatives - len(negatives)])
+    if not positives or not negatives or not prompt.label_positions:
+        return None
+    return ContrastiveTargets(anchor=list(prompt.label_positions), positives=positives, negatives=negatives)
+
+
+@dataclass
+class Batch:
+    """Left-padded tensors for a micro-batch, and the answer logits to keep."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor  # aligned with the kept logits, shifted
+    keep: int  # number of trailing positions whose logits are computed (0 = all)
+    targets: List[Optional[ContrastiveTargets]]
+
+
+def collate(items: Sequence[TrainingItem], pad_id: int, device: torch.device, answer_only: bool) -> Batch:
+    """Left-pad a micro-batch, so that all answers end at the last position."""
+    width = max(len(item.ids) for item in items)
+    n = len(items)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    targets: List[Optional[ContrastiveTargets]] = []
+    answer_width = max(len(item.answer) for item in items)
+    keep = 0 if not answer_only else answer_width + 1
+    label_width = width if keep == 0 else keep
+    labels = torch.full((n, label_width), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids = item.ids
+        offset = width - len(ids)
+        input_ids[row, offset:] = torch.tensor(ids)
+        mask[row, offset:] = 1
+        # position t predicts token t + 1: shift the ids left by one
+        predicted = torch.tensor(ids[1:] + [IGNORE_INDEX])
+        if answer_only:
+            predicted[: len(item.prompt.ids) - 1] = IGNORE_INDEX
+        row_labels = torch.full((width,), IGNORE_INDEX, dtype=torch.long)
+        row_labels[offset:] = predicted
+        labels[row] = row_labels[width - label_width :]
+        target = item.targets
+        targets.append(
+            None
+            if target is None
+            else ContrastiveTargets(
+                anchor=[p + offset for p in target.anchor],
+                positives=[p + offset for p in target.positives],
+                negatives=[p + offset for p in target.negatives],
+            )
+        )
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        labels=labels.to(device),
+        keep=keep,
+        targets=targets,
+    )
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Normalizers:
+    """What the losses of a whole batch are averaged over, so that splitting it into
+    micro-batches gives the same gradient: LM tokens and contrastive terms."""
+
+    tokens: int
+    contrastive: int
+
+    @classmethod
+    def of(cls, items: Sequence[TrainingItem], settings: TrainingSettings) -> "Normalizers":
+        if settings.answer_only_loss:
+            tokens = sum(len(item.answer) for item in items)
+        else:
+            tokens = sum(len(item.ids) - 1 for item in items)
+        terms = contrastive_terms([item.targets for item in items], settings.contrastive_loss)
+        return cls(tokens=max(tokens, 1), contrastive=max(terms, 1))
+
+
+def batch_loss(
+    model: Any, batch: Batch, settings: TrainingSettings, layer: int, norms: Normalizers
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Forward a micro-batch and compute its share of LM loss + lambda * contrastive loss."""
+    use_contrastive = settings.contrastive_weight > 0 and any(t is not None for t in batch.targets)
+    outputs = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        output_hidden_states=use_contrastive,
+        logits_to_keep=batch.keep,
+    )
+    loss_lm = lm_loss(outputs.logits, batch.labels, normalizer=norms.tokens)
+    parts = {"lm": float(loss_lm.detach())}
+    loss = loss_lm
+    if use_contrastive:
+        loss_cl = contrastive_loss(
+            outputs.hidden_states[layer],
+            batch.targets,
+            temperature=settings.temperature,
+            kind=settings.contrastive_loss,
+            normalizer=norms.contrastive,
+        )
+        parts["contrastive"] = float(loss_cl.detach())
+        loss = loss + settings.contrastive_weight * loss_cl
+    return loss, parts
+
+
+def backward(
+    model: Any, batch: Batch, settings: TrainingSettings, layer: int, norms: Normalizers
+) -> Dict[str, float]:
+    """Accumulate the gradients of one micro-batch (its share of the batch's loss),
+    with an FGM adversarial pass on perturbed embeddings if `fgm_epsilon` > 0.
+
+    RETURNS (Dict[str, float]): This micro-batch's share of each loss part.
+    """
+    device = batch.input_ids.device
+    embeddings = model.get_input_embeddings()
+    captured: List[torch.Tensor] = []
+
+    def capture(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.detach().requires_grad_(True)
+        captured.append(output)
+        return output
+
+    handle = embeddings.register_forward_hook(capture) if settings.fgm_epsilon > 0 else None
+    try:
+        with _autocast(device, settings.mixed_precision):
+            loss, parts = batch_loss(model, batch, settings, layer, norms)
+        loss.backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+    parts["loss"] = float(loss.detach())
+    if settings.fgm_epsilon > 0 and captured and captured[0].grad is not None:
+        delta = fgm_delta(captured[0].grad, settings.fgm_epsilon)
+        handle = embeddings.register_forward_hook(lambda module, inputs, output: output + delta)
+        try:
+            with _autocast(device, settings.mixed_precision):
+                adversarial, _ = batch_loss(model, batch, settings, layer, norms)
+            adversarial.backward()
+        finally:
+            handle.remove()
+        parts["adversarial"] = float(adversarial.detach())
+        parts["loss"] += parts["adversarial"]
+    return parts
+
+
+def micro_batches(items: Sequence[TrainingItem], size: int) -> Iterator[List[TrainingItem]]:
+    """Group items of similar length, in a deterministic order."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].ids), i))
+    for start in range(0, len(order), size):
+        yield [items[i] for i in order[start : start + size]]
+
+
+class LoRAOptimizer:
+    """AdamW over the LoRA weights, with hyper-parameters read from a thinc optimizer
+    at every step (see the module docstring for why)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.torch_optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.steps = 0
+
+    def step(self, sgd: Any) -> None:
+        """Apply the accumulated gradients, then zero them."""
+        grad_clip = float(getattr(sgd, "grad_clip", 0.0) or 0.0)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        weight_decay = float(getattr(sgd, "L2", 0.0) or 0.0)
+        if not getattr(sgd, "L2_is_weight_decay", True):
+            weight_decay = 0.0  # thinc's non-decoupled L2 has no AdamW equivalent
+        for group in self.torch_optimizer.param_groups:
+            group["lr"] = float(sgd.learn_rate)
+            group["betas"] = (float(getattr(sgd, "b1", 0.9)), float(getattr(sgd, "b2", 0.999)))
+            group["eps"] = float(getattr(sgd, "eps", 1e-8))
+            group["weight_decay"] = weight_decay
+        self.torch_optimizer.step()
+        self.torch_optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"torch": self.torch_optimizer.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.torch_optimizer.load_state_dict(state["torch"])
+        self.steps = int(state.get("steps", 0))
+

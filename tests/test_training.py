@@ -1,0 +1,239 @@
+import random
+
+import pytest
+import spacy
+import torch
+from spacy.tokens import DocBin, Span
+from spacy.training import Example
+from thinc.api import Adam
+
+from conftest import randomize_adapter
+from spacy_cllmfs.losses import IGNORE_INDEX
+from spacy_cllmfs.training import TrainingSettings, collate, contrastive_targets
+
+GOLD = [
+    ("Barack Obama visited Paris .", [(0, 2, "person"), (3, 4, "location")]),
+    ("Angela Merkel met Marie Curie in Geneva .", [(0, 2, "person"), (3, 5, "person"), (6, 7, "location")]),
+    ("The weather was nice .", []),
+    ("New York welcomed Obama .", [(0, 2, "location"), (3, 4, "person")]),
+]
+
+
+def make_examples(nlp):
+    examples = []
+    for text, spans in GOLD:
+        doc = spacy.tokens.Doc(nlp.vocab, words=text.split())
+        doc.set_ents([Span(doc, s, e, label=label) for s, e, label in spans], default="outside")
+        examples.append(Example(nlp.make_doc(doc.text), doc))
+    return examples
+
+
+def make_nlp(tiny_model_config, **training):
+    nlp = spacy.blank("en")
+    settings = {"@misc": "spacy_cllmfs.training.v1", "micro_batch_size": 4, **training}
+    nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config, "training": settings, "max_new_tokens": 16})
+    return nlp
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_initialize_takes_labels_from_the_examples(tiny_model_config):
+    nlp = make_nlp(tiny_model_config)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    assert ner.labels == ("location", "person")
+    assert ner.model.trainable_parameters()
+    nlp2 = make_nlp(tiny_model_config)
+    ner2 = nlp2.get_pipe("cllmfs_ner")
+    ner2.initialize(lambda: examples, labels=["person"], label_descriptions={"person": "people"})
+    assert ner2.labels == ("person",) and ner2.label_infos[0].description == "people"
+
+
+def test_training_prompts_answers_and_negatives(tiny_model_config):
+    nlp = make_nlp(tiny_model_config)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    items = ner.training_items(examples)
+    assert len(items) == len(GOLD) * 2  # every (sentence, label), negative_ratio = 1
+    answers = [ner.builder.decode(item.answer) for item in items]
+    assert answers[0] == " <<< Paris >>><|im_end|>"  # location of sentence 0
+    assert answers[1] == " <<< Barack Obama >>><|im_end|>"
+    assert answers[3] == " <<< Angela Merkel >>> <<< Marie Curie >>><|im_end|>"
+    assert answers[4] == "<|im_end|>"  # no location in sentence 2
+    ner.training.negative_ratio = 0.0
+    positives = ner.training_items(examples)
+    assert len(positives) == 6 and all(item.targets is not None for item in positives)
+
+
+def test_contrastive_positions(tiny_model_config):
+    nlp = make_nlp(tiny_model_config)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    pieces = ner.builder.word_pieces(examples[1].reference[:])
+    prompt = ner.builder.build(pieces, ner.label_infos)[1]  # person
+    targets = contrastive_targets(prompt, [(0, 2), (3, 5)], max_negatives=4, rng=random.Random(0))
+    ws = prompt.word_spans
+    assert targets.positives == [ws[0][0], ws[1][1] - 1, ws[3][0], ws[4][1] - 1]
+    # the tokens next to the boundaries come first: after "Merkel" (first token of "met"),
+    # before "Marie" (last token of "met"), after "Curie" ("in"); then other outside tokens
+    hard = list(dict.fromkeys([ws[2][0], ws[2][1] - 1, ws[5][0]]))
+    assert targets.negatives[: len(hard)] == hard
+    assert len(targets.negatives) == 4
+    inside = {p for s, e in ws[0:2] + ws[3:5] for p in range(s, e)}
+    assert not inside & set(targets.negatives)
+    assert ner.builder.decode([prompt.ids[p] for p in targets.anchor]) == " person"
+
+
+def test_collate_left_pads_and_aligns_labels(tiny_model_config):
+    nlp = make_nlp(tiny_model_config)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    items = ner.training_items(examples)[:3]
+    batch = collate(items, pad_id=0, device=torch.device("cpu"), answer_only=True)
+    width = batch.input_ids.shape[1]
+    for row, item in enumerate(items):
+        assert batch.input_ids[row, width - len(item.ids):].tolist() == item.ids
+        wanted = [t for t in batch.labels[row].tolist() if t != IGNORE_INDEX]
+        assert wanted == item.answer
+        offset = width - len(item.ids)
+        if item.targets is not None:
+            assert batch.targets[row].positives == [p + offset for p in item.targets.positives]
+    full = collate(items, pad_id=0, device=torch.device("cpu"), answer_only=False)
+    assert full.keep == 0 and full.labels.shape == full.input_ids.shape
+
+
+def test_update_lowers_the_loss_and_trains_only_lora(tiny_model_config):
+    nlp = make_nlp(tiny_model_config)
+    examples = make_examples(nlp)
+    optimizer = nlp.initialize(lambda: examples)
+    optimizer.learn_rate = 0.01
+    ner = nlp.get_pipe("cllmfs_ner")
+    before_loss, parts = ner.get_loss(examples)
+    assert set(parts) == {"lm", "contrastive", "loss"}
+    before = snapshot(ner.model.model)
+    for _ in range(15):
+        losses = nlp.update(examples, sgd=optimizer)
+    assert losses["cllmfs_ner"] > 0
+    after_loss, _ = ner.get_loss(examples)
+    assert after_loss < before_loss * 0.6
+    after = snapshot(ner.model.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_learn_rate_from_spacy_optimizer_takes_effect(tiny_model_config):
+    nlp = make_nlp(tiny_model_config)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    frozen = snapshot(ner.model.model)
+    nlp.update(examples, sgd=Adam(learn_rate=0.0, L2=0.0, grad_clip=0.0))
+    assert all(torch.equal(frozen[n], p) for n, p in ner.model.model.named_parameters())
+    nlp.update(examples, sgd=Adam(learn_rate=0.001, L2=0.0))
+    group = ner._optimizer.torch_optimizer.param_groups[0]
+    assert group["lr"] == 0.001 and group["weight_decay"] == 0.0
+    assert any(not torch.equal(frozen[n], p) for n, p in ner.model.model.named_parameters())
+
+
+def test_contrastive_weight_zero_is_exactly_the_lm_loss(tiny_model_config):
+    nlp = make_nlp(tiny_model_config, contrastive_weight=0.0)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    randomize_adapter(ner, scale=0.1)
+    loss, parts = ner.get_loss(examples)
+    assert "contrastive" not in parts and loss == parts["lm"]
+    ner.training.contrastive_weight = 0.5
+    loss_cl, parts_cl = ner.get_loss(examples)
+    assert parts_cl["lm"] == pytest.approx(parts["lm"])
+    assert loss_cl == pytest.approx(parts_cl["lm"] + 0.5 * parts_cl["contrastive"])
+
+
+def test_micro_batches_accumulate_the_same_gradient(tiny_model_config):
+    grads = []
+    for micro in (1, 8):
+        nlp = make_nlp(tiny_model_config, micro_batch_size=micro)
+        examples = make_examples(nlp)
+        nlp.initialize(lambda: examples)
+        ner = nlp.get_pipe("cllmfs_ner")
+        randomize_adapter(ner, scale=0.1)
+        nlp.update(examples, sgd=False)
+        grads.append(torch.cat([p.grad.flatten() for p in ner.model.trainable_parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+def test_fgm_adds_an_adversarial_pass(tiny_model_config):
+    nlp = make_nlp(tiny_model_config, fgm_epsilon=0.5)
+    examples = make_examples(nlp)
+    optimizer = nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    nlp.update(examples, sgd=optimizer)
+    assert ner.last_losses["adversarial"] > 0
+    assert ner.last_losses["loss"] == pytest.approx(
+        ner.last_losses["lm"] + 0.1 * ner.last_losses["contrastive"] + ner.last_losses["adversarial"], rel=1e-5)
+
+
+def test_bad_training_settings():
+    for bad in ({"negative_ratio": 2.0}, {"temperature": 0.0}, {"contrastive_loss": "x"},
+                {"micro_batch_size": 0}, {"contrastive_layer": 0}):
+        with pytest.raises(ValueError, match="training settings"):
+            TrainingSettings(**bad)
+    assert TrainingSettings().layer_index(32) == 24
+    assert TrainingSettings(contrastive_layer=-1).layer_index(30) == 30
+    with pytest.raises(ValueError, match="out of range"):
+        TrainingSettings(contrastive_layer=40).layer_index(30)
+
+
+def test_checkpoints_resume_adapter_and_optimizer(tiny_model_config, tmp_path):
+    nlp = make_nlp(tiny_model_config)
+    examples = make_examples(nlp)
+    optimizer = nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    for _ in range(2):
+        nlp.update(examples, sgd=optimizer)
+    ner.save_checkpoint(tmp_path / "ckpt", step=2)
+    expected = [[(e.start, e.end, e.label_) for e in d.ents] for d in nlp.pipe(t for t, _ in GOLD)]
+
+    fresh = make_nlp(tiny_model_config)
+    fresh.get_pipe("cllmfs_ner").initialize(lambda: examples, resume_from=str(tmp_path / "ckpt"))
+    resumed = fresh.get_pipe("cllmfs_ner")
+    assert resumed._optimizer.steps == 2
+    assert [[(e.start, e.end, e.label_) for e in d.ents] for d in fresh.pipe(t for t, _ in GOLD)] == expected
+    with pytest.raises(FileNotFoundError, match="No cllmfs_ner checkpoint"):
+        resumed.load_checkpoint(tmp_path / "nothing")
+
+
+def test_spacy_train_end_to_end(tiny_model_path, tmp_path):
+    from spacy.cli.train import train
+
+    nlp = spacy.blank("en")
+    docs = [eg.reference for eg in make_examples(nlp)]
+    DocBin(docs=docs * 3).to_disk(tmp_path / "train.spacy")
+    DocBin(docs=docs).to_disk(tmp_path / "dev.spacy")
+    overrides = {
+        "paths.train": str(tmp_path / "train.spacy"),
+        "paths.dev": str(tmp_path / "dev.spacy"),
+        "paths.base_model": str(tiny_model_path),
+        "paths.checkpoint_dir": str(tmp_path / "checkpoint"),
+        "components.cllmfs_ner.model.device": "cpu",
+        "components.cllmfs_ner.model.lora.r": 4,
+        "components.cllmfs_ner.max_new_tokens": 16,
+        "training.max_steps": 6,
+        "training.eval_frequency": 3,
+        "training.before_update.every": 2,
+        "training.logger.progress_bar": False,
+    }
+    train("project/configs/cllmfs.cfg", tmp_path / "out", overrides=overrides)
+    assert (tmp_path / "out" / "model-best" / "cllmfs_ner" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "checkpoint" / "cllmfs_ner" / "optimizer.pt").exists()
+    state = spacy.util.srsly.read_json(tmp_path / "checkpoint" / "cllmfs_ner" / "state.json")
+    assert state["step"] in (2, 4, 6) and state["labels"] == ["location", "person"]
+    loaded = spacy.load(tmp_path / "out" / "model-last")
+    assert loaded.get_pipe("cllmfs_ner").labels == ("location", "person")
+    assert loaded("Barack Obama visited Paris .") is not None
