@@ -54,17 +54,74 @@ def sample_cli(
     k: int = typer.Option(5, "--k", "-k", help="Minimum mentions per label (K~2K sampling)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels (default: all)."),
+    strategy: str = typer.Option(
+        "greedy", "--strategy", help="greedy (Few-NERD Algorithm 1) or balanced (least-filled label first)."
+    ),
 ) -> None:
-    """Greedy K~2K-shot sample of a .spacy corpus (Few-NERD Algorithm 1)."""
+    """K~2K-shot sample of a .spacy corpus (Few-NERD Algorithm 1, or its balanced variant)."""
     label_list = [label.strip() for label in labels.split(",") if label.strip()] if labels else None
     with _report_errors():
         docs = load_docbin(input_path, Vocab())
-        sample = greedy_k_shot(docs, k, labels=label_list, seed=seed)
+        sample = greedy_k_shot(docs, k, labels=label_list, seed=seed, strategy=strategy)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         DocBin(store_user_data=True, docs=sample).to_disk(output_path)
     typer.echo(f"Sampled {len(sample)} of {len(docs)} sentences (k={k}, seed={seed}) to {output_path}")
     for label, count in label_counts(sample, label_list).items():
         typer.echo(f"  {label}\t{count}")
+
+
+@app.command("subset")
+def subset_cli(
+    input_path: Path = typer.Argument(..., help="Input .spacy file."),
+    output_path: Path = typer.Argument(..., help="Output .spacy file."),
+    n: int = typer.Option(..., "--n", "-n", help="Keep the first N docs (0 keeps all)."),
+) -> None:
+    """Keep the first N docs of a .spacy file (e.g. to bound evaluation time)."""
+    with _report_errors():
+        docs = load_docbin(input_path, Vocab())
+        kept = docs[:n] if n > 0 else docs
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        DocBin(store_user_data=True, docs=kept).to_disk(output_path)
+    typer.echo(f"Kept {len(kept)} of {len(docs)} docs in {output_path}")
+
+
+@app.command("episodes")
+def episodes_cli(
+    input_path: Path = typer.Argument(..., help="Few-NERD episode JSONL, or a .spacy file converted from one."),
+    output_path: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the scores as JSON here."),
+    model: str = typer.Option("embedded", "--model", "-m", help="Hub name, folder, .gguf file or 'embedded'."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder each episode starts from."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    steps: int = typer.Option(20, "--steps", help="Training steps per episode."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Support sentences per step."),
+    learn_rate: float = typer.Option(3e-4, "--learn-rate", help="Peak learn rate."),
+    limit: int = typer.Option(0, "--limit", help="Evaluate only the first N episodes (0: all)."),
+) -> None:
+    """Few-NERD episode evaluation: adapt on each support set, score its query set (micro-F1)."""
+    import spacy
+    import srsly
+
+    from .adapters import AdapterState
+    from .corpora import episodes_from_docs, read_fewnerd_episodes
+    from .episodes import evaluate_episodes
+
+    with _report_errors():
+        nlp = spacy.blank("en")
+        if input_path.suffix == ".spacy":
+            episodes = episodes_from_docs(load_docbin(input_path, nlp.vocab))
+        else:
+            episodes = read_fewnerd_episodes(input_path, nlp.vocab)
+        episodes = episodes[:limit] if limit > 0 else episodes
+        nlp.add_pipe("cllmfs_ner", config={
+            "model": {"@misc": "spacy_cllmfs.HFCausalLM.v1", "name": model, "device": device}})
+        start = AdapterState.from_disk(adapter) if adapter else None
+        scores = evaluate_episodes(
+            nlp, episodes, steps=steps, batch_size=batch_size, learn_rate=learn_rate, start_adapter=start
+        )
+    typer.echo(f"{scores['episodes']} episodes: P {scores['precision']:.4f} R {scores['recall']:.4f} F {scores['f']:.4f}")
+    if output_path is not None:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        srsly.write_json(output_path, scores)
 
 
 DEMO_TEXTS = [

@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -319,6 +320,16 @@ class HFCausalLM:
             )
         self._model.requires_grad_(False)
 
+    def reset_adapter(self, state: Optional[AdapterState] = None) -> None:
+        """Remove the attached adapter (keeping the base weights in memory), then
+        attach `state` if given. Used to adapt one base model many times."""
+        if self._peft is not None:
+            self._model = self._peft.unload().eval()
+            self._peft = None
+        self._adapter = None
+        if state is not None:
+            self.set_adapter(state)
+
     def adapter_state(self) -> Optional[AdapterState]:
         """RETURNS (Optional[AdapterState]): The current adapter, detached, or None."""
         if self._peft is None:
@@ -327,7 +338,8 @@ class HFCausalLM:
 
         config = _jsonable(self._peft.peft_config["default"].to_dict())
         config["base_model_name_or_path"] = self.source.description
-        weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self._peft).items()}
+        state = get_peft_model_state_dict(self._peft, save_embedding_layers=False)
+        weights = {k: v.detach().cpu().clone() for k, v in state.items()}
         return AdapterState(config=config, weights=weights)
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
@@ -340,7 +352,9 @@ class HFCausalLM:
         from peft import get_peft_model
 
         model = self.model
-        self._peft = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks transformers for a deprecated attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self._peft = get_peft_model(model, config)
         self._model = self._peft.get_base_model().eval()  # new LoRA modules start in train mode
 
 

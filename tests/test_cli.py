@@ -104,3 +104,15 @@ def test_demo_annotates_texts(tiny_model_path):
     # (transformers' loading progress bar may precede the first line)
     assert "Barack Obama visited Paris.\n  -> " in result.output
     assert "\nNothing here.\n  -> " in result.output
+
+
+def test_subset_keeps_the_first_docs(tmp_path):
+    vocab = Vocab()
+    docs = [make_doc(vocab, [f"w{i}"], [(0, 1, "X")] if i % 2 else []) for i in range(5)]
+    DocBin(docs=docs).to_disk(tmp_path / "in.spacy")
+    result = CliRunner().invoke(app, ["subset", str(tmp_path / "in.spacy"), str(tmp_path / "out.spacy"), "--n", "3"])
+    assert result.exit_code == 0, result.output
+    kept = load_docbin(tmp_path / "out.spacy", Vocab())
+    assert [d.text for d in kept] == ["w0", "w1", "w2"] and len(kept[1].ents) == 1
+    result = CliRunner().invoke(app, ["subset", str(tmp_path / "missing.spacy"), str(tmp_path / "o.spacy"), "--n", "1"])
+    assert result.exit_code == 1 and "python -m spacy_cllmfs convert" in result.output

@@ -189,3 +189,40 @@ def test_sample_episodes_errors():
         sample_episodes(docs, 6, 1, 1, 1)
     with pytest.raises(ValueError, match="n_query must be a positive integer"):
         sample_episodes(docs, 2, 1, 0, 1)
+
+
+def dense_corpus() -> List[Doc]:
+    """Most sentences hold the common label C three times; the rare label R sits in
+    sentences with one C, so Algorithm 1 tends to fill C up to 2K first and then
+    rejects R's sentences."""
+    vocab = Vocab()
+    docs = []
+    for i in range(40):
+        words = [f"s{i}"] + ["w"] * 8
+        spans = [(1, 2, "C"), (3, 4, "C"), (5, 6, "C")]
+        if i % 4 == 0:
+            spans = [(1, 2, "C"), (7, 8, "R")]
+        docs.append(make_doc(vocab, words, spans))
+    return docs
+
+
+def test_balanced_strategy_reaches_k_where_greedy_cannot():
+    docs = dense_corpus()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        greedy = greedy_k_shot(docs, 3, seed=1, strategy="greedy")
+    assert caught and label_counts(greedy, ["R"])["R"] < 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FewShotWarning
+        balanced = greedy_k_shot(docs, 3, seed=1, strategy="balanced")
+    counts = label_counts(balanced, ["C", "R"])
+    assert all(3 <= n <= 6 for n in counts.values()), counts
+    assert texts(balanced) == texts(greedy_k_shot(docs, 3, seed=1, strategy="balanced"))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_balanced_strategy_keeps_the_bounds(k):
+    sample = greedy_k_shot(synthetic_corpus(), k, seed=1, strategy="balanced")
+    assert all(k <= n <= 2 * k for n in label_counts(sample, LABELS).values())
+    with pytest.raises(ValueError, match="Unknown sampling strategy"):
+        greedy_k_shot(synthetic_corpus(), k, strategy="random")

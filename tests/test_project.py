@@ -1,0 +1,68 @@
+"""The spaCy project workflow, end to end, on a tiny model and fixture data."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def project_dir(tmp_path):
+    shutil.copy(ROOT / "project.yml", tmp_path / "project.yml")
+    shutil.copytree(ROOT / "project", tmp_path / "project")
+    data = tmp_path / "data" / "mini"
+    data.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        shutil.copy(ROOT / "tests" / "fixtures" / "crossner_sample.txt", data / f"{split}.txt")
+    return tmp_path
+
+
+def run_project(project_dir, tiny_model_path, *args):
+    variables = {
+        "crossner_dir": str(project_dir / "data"), "domain": "mini", "base_model": str(tiny_model_path),
+        "shots": 1, "steps": 4, "batch_size": 2, "dev_limit": 2, "test_limit": 3, "checkpoint_every": 2,
+    }
+    command = [sys.executable, "-m", "spacy", "project", "run", *args, str(project_dir)]
+    command += [f"--vars.{k}={v}" for k, v in variables.items()]
+    return subprocess.run(command, capture_output=True, text=True, cwd=project_dir)
+
+
+def test_project_workflow_all(project_dir, tiny_model_path):
+    result = run_project(project_dir, tiny_model_path, "all")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = project_dir / "training" / "mini-k1-s0"
+    assert (run / "model-best" / "cllmfs_ner" / "adapter" / "adapter_model.safetensors").exists()
+    assert (run / "checkpoint" / "cllmfs_ner" / "state.json").exists()
+    metrics = json.loads((project_dir / "metrics" / "mini-k1-s0.json").read_text())
+    assert {"ents_p", "ents_r", "ents_f", "ents_per_type"} <= set(metrics)
+    packages = list((project_dir / "packages").rglob("*.tar.gz"))
+    assert packages, result.stdout[-2000:]
+    assert "E    #" in result.stdout  # spaCy's training table
+
+
+def test_train_resumes_an_interrupted_run(project_dir, tiny_model_path):
+    for command in ("convert", "sample"):
+        assert run_project(project_dir, tiny_model_path, command).returncode == 0
+    result = run_project(project_dir, tiny_model_path, "train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = project_dir / "training" / "mini-k1-s0"
+    # simulate an interruption after the step-2 checkpoint: no final model yet
+    shutil.rmtree(run / "model-last")
+    state_file = run / "checkpoint" / "cllmfs_ner" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["step"] = 2
+    state_file.write_text(json.dumps(state))
+    result = subprocess.run(
+        [sys.executable, "project/train.py", "project/configs/cllmfs.cfg", str(run),
+         "--train", "corpus/mini/train-k1-s0.spacy", "--dev", "corpus/mini/dev-2.spacy",
+         "--base-model", str(tiny_model_path), "--steps", "4", "--batch-size", "2", "--checkpoint-every", "1"],
+        capture_output=True, text=True, cwd=project_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 2: 2 steps to go" in result.stdout
+    assert (run / "model-last").exists()
+    assert json.loads(state_file.read_text())["step"] >= 3  # counted on from the resumed step
