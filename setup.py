@@ -36,5 +36,6 @@ setup(
             "spacy_cllmfs.training.v1 = spacy_cllmfs.training:training_v1",
         ],
         "spacy_callbacks": ["spacy_cllmfs.checkpoint.v1 = spacy_cllmfs.callbacks:checkpoint_v1"],
+        "thinc_llm_models": ["spacy_cllmfs.SpacyLLMModel.v1 = spacy_cllmfs.spacy_llm:spacy_llm_model_v1"],
     },
 )

@@ -8,6 +8,7 @@ from .callbacks import checkpoint_v1
 from .component import CLLMFSNer, make_cllmfs_ner
 from .models import HFCausalLM, LoRASettings, hf_causal_lm_v1, lora_v1
 from .prompts import PromptTemplate, prompt_v1
+from .spacy_llm import SpacyLLMModel, ner_v3_examples, spacy_llm_model_v1, write_ner_v3_examples
 from .training import TrainingSettings, training_v1
 
 __all__ = [
@@ -15,12 +16,16 @@ __all__ = [
     "HFCausalLM",
     "LoRASettings",
     "PromptTemplate",
+    "SpacyLLMModel",
     "TrainingSettings",
     "__version__",
     "checkpoint_v1",
     "hf_causal_lm_v1",
     "lora_v1",
     "make_cllmfs_ner",
+    "ner_v3_examples",
+    "spacy_llm_model_v1",
+    "write_ner_v3_examples",
     "prompt_v1",
     "training_v1",
 ]

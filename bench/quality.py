@@ -1,0 +1,323 @@
+"""Few-shot NER quality on CrossNER: cllmfs_ner against the baselines, same shots.
+
+    python bench/quality.py --data ../shared/data/crossner --profile cpu-smoke \
+        --output bench/results/quality-cpu-smoke.json
+    python bench/quality.py --data ../shared/data/crossner --profile gpu \
+        --model /root/stage/qwen2.5-coder-1.5b --device cuda:0 --output bench/results/quality-gpu.json
+
+Systems (all on the same K-shot training sets and, where they use one, the same base LLM):
+  spacy_ner        spaCy's own NER (`spacy train`, default CPU `ner` config)
+  spacy_llm        spacy-llm's `llm` component, `spacy.NER.v3` task, the shots as prompt
+                   examples, served by spacy_cllmfs.SpacyLLMModel (no adapter)
+  cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
+  cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
+  cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
+
+The base model is loaded once per process and each run gets a fresh adapter. Results
+are written after every run, keyed by system/domain/K/seed, and runs already in the
+output file are skipped: an interrupted matrix continues where it stopped.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import spacy
+import torch
+from spacy.language import Language
+from spacy.tokens import Doc, DocBin
+from spacy.training import Example
+from spacy.util import registry
+
+from spacy_cllmfs.adapters import AdapterState
+from spacy_cllmfs.corpora import read_conll
+from spacy_cllmfs.labels import default_description
+from spacy_cllmfs.loop import as_examples, fit, unannotated
+from spacy_cllmfs.models import HFCausalLM
+from spacy_cllmfs.sampling import greedy_k_shot, label_counts
+from spacy_cllmfs.spacy_llm import SpacyLLMModel, write_ner_v3_examples
+
+SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer")
+SYSTEM_NAMES = {
+    "spacy_ner": "spaCy NER (CPU config)",
+    "spacy_llm": "spacy-llm NER.v3, in-context shots",
+    "cllmfs_lora": "cllmfs_ner, LoRA only",
+    "cllmfs": "cllmfs_ner, LoRA + contrastive",
+    "cllmfs_transfer": "cllmfs_ner, CoNLL-2003 -> domain",
+}
+DOMAINS = ("politics", "science", "music", "literature")
+# GLiNER-L zero-shot F1 as published (Zaratiana et al., 2023); its weights are not reachable here
+GLINER_PUBLISHED = {"politics": 72.6, "science": 62.6, "music": 69.6, "literature": 64.4}
+PROFILES: Dict[str, Dict[str, Any]] = {
+    # the CPU smoke matrix: SmolLM2, K=5, one seed, <= 50 test sentences per domain
+    "cpu-smoke": {
+        "model": "embedded", "shots": [5], "seeds": [0], "extra_seeds": {}, "test_limit": 50,
+        "epochs": 8, "batch_size": 4, "learn_rate": 1e-3, "source_limit": 200, "source_epochs": 1,
+        "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
+    },
+    # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
+    "gpu": {
+        "model": None, "shots": [5, 20], "seeds": [0], "extra_seeds": {"politics": [1, 2]}, "test_limit": 300,
+        "epochs": 10, "batch_size": 4, "learn_rate": 5e-4, "source_limit": 2000, "source_epochs": 2,
+        "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
+    },
+}
+_PRELOADED: Dict[str, Any] = {}
+
+
+@registry.misc("bench.preloaded_lm.v1")
+def preloaded_lm() -> HFCausalLM:
+    """The base model this process loaded once (for cllmfs_ner configs)."""
+    return _PRELOADED["lm"]
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def machine() -> Dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class Domain:
+    """A CrossNER domain: its labels, train docs and the test docs to score on."""
+
+    def __init__(self, data: Path, name: str, test_limit: int, vocab: Any) -> None:
+        self.name = name
+        splits = {split: read_conll(data / name / f"{split}.txt", vocab) for split in ("train", "dev", "test")}
+        self.labels = sorted(set().union(*(label_counts(docs) for docs in splits.values())))
+        self.train = splits["train"]
+        self.dev = splits["dev"]
+        self.test = splits["test"][:test_limit] if test_limit > 0 else splits["test"]
+
+    def shots(self, k: int, seed: int) -> List[Doc]:
+        return greedy_k_shot(self.train, k, labels=self.labels, seed=seed, strategy="balanced")
+
+
+def score(nlp: Language, gold: Sequence[Doc]) -> Dict[str, Any]:
+    """spaCy's NER scores of `nlp` on gold docs (predictions on the same tokens)."""
+    start = time.time()
+    scores = nlp.evaluate([Example(unannotated(nlp, doc), doc) for doc in gold])
+    return {
+        "ents_f": scores["ents_f"], "ents_p": scores["ents_p"], "ents_r": scores["ents_r"],
+        "ents_per_type": scores["ents_per_type"], "infer_s": time.time() - start,
+    }
+
+
+def cllmfs_nlp(settings: Dict[str, Any], contrastive_weight: float) -> Language:
+    nlp = spacy.blank("en")
+    nlp.add_pipe("cllmfs_ner", config={
+        "model": {"@misc": "bench.preloaded_lm.v1"},
+        "max_new_tokens": settings["max_new_tokens"],
+        "batch_size": settings["decode_batch_size"],
+        "training": {"@misc": "spacy_cllmfs.training.v1", "contrastive_weight": contrastive_weight,
+                     "micro_batch_size": settings["micro_batch_size"]},
+    })
+    return nlp
+
+
+def train_cllmfs(
+    nlp: Language, docs: Sequence[Doc], labels: Sequence[str], epochs: int, settings: Dict[str, Any],
+    start: Optional[AdapterState], seed: int,
+) -> Dict[str, Any]:
+    ner = nlp.get_pipe("cllmfs_ner")
+    ner.model.reset_adapter(start)
+    examples = as_examples(nlp, docs)
+    ner.initialize(lambda: examples, nlp=nlp, labels=list(labels), label_descriptions={})
+    steps = max(1, math.ceil(len(examples) / settings["batch_size"]) * epochs)
+    begin = time.time()
+    history = fit(nlp, examples, steps=steps, batch_size=settings["batch_size"],
+                  learn_rate=settings["learn_rate"], warmup_steps=min(10, steps // 10), seed=seed,
+                  progress=sys.stderr.isatty())
+    return {"train_s": time.time() - begin, "steps": steps, "first_loss": history[0], "last_loss": history[-1]}
+
+
+def run_spacy_ner(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    from spacy.cli.init_config import init_config
+    from spacy.cli.train import train
+
+    work = Path(tempfile.mkdtemp(prefix="bench-spacy-ner-"))
+    try:
+        DocBin(docs=shots).to_disk(work / "train.spacy")
+        DocBin(docs=domain.dev[:50]).to_disk(work / "dev.spacy")
+        config = init_config(lang="en", pipeline=["ner"], optimize="efficiency", gpu=False)
+        config.to_disk(work / "config.cfg")
+        begin = time.time()
+        train(work / "config.cfg", work / "out", overrides={
+            "paths.train": str(work / "train.spacy"), "paths.dev": str(work / "dev.spacy"),
+            "system.seed": seed, "training.max_steps": settings["spacy_ner_steps"], "training.max_epochs": 0,
+            "training.eval_frequency": 50, "training.patience": 0,
+        })
+        train_s = time.time() - begin
+        nlp = spacy.load(work / "out" / "model-best")
+        return {"train_s": train_s, **score(nlp, domain.test)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]) -> Dict[str, Any]:
+    lm: HFCausalLM = _PRELOADED["lm"]
+    lm.reset_adapter()
+    model = SpacyLLMModel(lm, max_new_tokens=settings["llm_max_new_tokens"], batch_size=settings["decode_batch_size"])
+    name = f"bench.preloaded_llm.{id(model)}"
+    registry.llm_models.register(name, func=lambda: model)
+    work = Path(tempfile.mkdtemp(prefix="bench-spacy-llm-"))
+    try:
+        n_examples = write_ner_v3_examples(shots, domain.labels, work / "examples.json")
+        nlp = spacy.blank("en")
+        nlp.add_pipe("llm", config={
+            "task": {
+                "@llm_tasks": "spacy.NER.v3", "labels": domain.labels,
+                "label_definitions": {label: default_description(label) for label in domain.labels},
+                "examples": {"@misc": "spacy.FewShotReader.v1", "path": str(work / "examples.json")},
+            },
+            "model": {"@llm_models": name},
+        })
+        return {"train_s": 0.0, "prompt_examples": n_examples, **score(nlp, domain.test)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language) -> AdapterState:
+    """Train (once) or load the CoNLL-2003 source adapter for the transfer system."""
+    folder = args.work / f"source-{settings['model_tag']}-n{settings['source_limit']}-e{settings['source_epochs']}"
+    if (folder / "adapter_config.json").exists():
+        return AdapterState.from_disk(folder)
+    docs = read_conll(args.data / "conll2003" / "train.txt", nlp.vocab)
+    docs = [doc for doc in docs if len(doc.ents)][: settings["source_limit"]]
+    labels = sorted(label_counts(docs))
+    print(f"Training the source adapter on {len(docs)} CoNLL-2003 sentences ({labels})", flush=True)
+    info = train_cllmfs(nlp, docs, labels, settings["source_epochs"], settings, None, seed=0)
+    state = nlp.get_pipe("cllmfs_ner").model.adapter_state()
+    state.to_disk(folder)
+    write_json(folder / "training.json", info)
+    return state
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="CrossNER folder (…/crossner)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-smoke")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--model", default=None, help="Base model (default: the profile's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--domains", default=",".join(DOMAINS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--shots", default=None, help="Comma-separated K values (default: the profile's)")
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--work", type=Path, default=Path("bench/work"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="Override a profile setting, e.g. --set source_limit=50")
+    args = parser.parse_args(argv)
+
+    settings = dict(PROFILES[args.profile])
+    settings["model"] = args.model or settings["model"]
+    if not settings["model"]:
+        parser.error(f"--model is required with --profile {args.profile}")
+    if args.shots:
+        settings["shots"] = [int(k) for k in args.shots.split(",")]
+    if args.test_limit is not None:
+        settings["test_limit"] = args.test_limit
+    if args.epochs is not None:
+        settings["epochs"] = args.epochs
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in settings:
+            parser.error(f"--set: unknown setting {key!r}; known: {sorted(settings)}")
+        settings[key] = json.loads(value)
+    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    settings["decode_batch_size"] = 256 if on_gpu else 16
+    settings["micro_batch_size"] = 16 if on_gpu else 8
+    settings["model_tag"] = Path(settings["model"]).name.replace(".", "_")
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Any] = json.loads(args.output.read_text()) if args.output.exists() else {}
+    runs = results.setdefault("runs", {})
+    results["settings"] = {k: v for k, v in settings.items()}
+    results["machine"] = machine()
+    results["command"] = " ".join([sys.executable.split("/")[-1], *sys.argv])
+
+    began = time.time()
+    lm = HFCausalLM(settings["model"], device=args.device)
+    _PRELOADED["lm"] = lm
+    results["settings"]["model_parameters"] = sum(p.numel() for p in lm.model.parameters())
+    print(f"Loaded {settings['model']} in {time.time() - began:.0f}s on {lm.device}", flush=True)
+    nlp = spacy.blank("en")
+    vocab = nlp.vocab
+    source: Optional[AdapterState] = None
+    for domain_name in [d for d in args.domains.split(",") if d]:
+        domain = Domain(args.data, domain_name, settings["test_limit"], vocab)
+        seeds = settings["seeds"] + settings["extra_seeds"].get(domain_name, [])
+        for k in settings["shots"]:
+            for seed in seeds:
+                shots = domain.shots(k, seed)
+                for system in systems:
+                    key = f"{system}|{domain_name}|k{k}|s{seed}"
+                    if key in runs:
+                        continue
+                    print(f"== {key}: {len(shots)} training sentences, {len(domain.test)} test", flush=True)
+                    begin = time.time()
+                    if system == "spacy_ner":
+                        result = run_spacy_ner(shots, domain, settings, seed)
+                    elif system == "spacy_llm":
+                        result = run_spacy_llm(shots, domain, settings)
+                    else:
+                        weight = 0.0 if system == "cllmfs_lora" else 0.1
+                        model_nlp = cllmfs_nlp(settings, weight)
+                        start = None
+                        if system == "cllmfs_transfer":
+                            source = source or source_adapter(args, settings, model_nlp)
+                            start = source
+                        result = train_cllmfs(model_nlp, shots, domain.labels, settings["epochs"], settings, start, seed)
+                        result.update(score(model_nlp, domain.test))
+                    runs[key] = {
+                        **result, "system": system, "domain": domain_name, "k": k, "seed": seed,
+                        "train_sentences": len(shots), "test_sentences": len(domain.test),
+                        "wall_s": time.time() - begin, "model": settings["model"],
+                    }
+                    print(f"   ents_f={result['ents_f']:.4f} train {result['train_s']:.0f}s infer "
+                          f"{result['infer_s']:.0f}s", flush=True)
+                    results["wall_s"] = results.get("wall_s", 0.0) + runs[key]["wall_s"]
+                    write_json(args.output, results)
+    write_json(args.output, results)
+
+
+def summarize(runs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Mean and standard deviation of ents_f over seeds, per system/domain/K."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for run in runs.values():
+        groups.setdefault(f"{run['system']}|{run['domain']}|k{run['k']}", []).append(run)
+    summary = {}
+    for key, members in groups.items():
+        values = [100 * m["ents_f"] for m in members]
+        summary[key] = {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "seeds": len(values),
+            "train_s": statistics.mean(m["train_s"] for m in members),
+            "infer_s": statistics.mean(m["infer_s"] for m in members),
+        }
+    return summary
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Markdown tables from bench/results/*.json, and the README section that holds them.
+
+    python bench/table.py            # rewrite the README's benchmark section
+    python bench/table.py --print    # print it instead
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.quality import DOMAINS, GLINER_PUBLISHED, SYSTEM_NAMES, SYSTEMS, summarize  # noqa: E402
+
+START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+
+
+def quality_table(results: Dict[str, Any]) -> str:
+    """F1 (mean ± std over seeds) per system and domain/K, plus mean train/infer times."""
+    summary = summarize(results["runs"])
+    columns = sorted(
+        {(r["domain"], r["k"]) for r in results["runs"].values()},
+        key=lambda c: (DOMAINS.index(c[0]) if c[0] in DOMAINS else 99, c[0], c[1]),
+    )
+    header = ["system"] + [f"{d} K={k}" for d, k in columns] + ["train s", "infer s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for system in SYSTEMS:
+        cells, train, infer = [], [], []
+        for domain, k in columns:
+            entry = summary.get(f"{system}|{domain}|k{k}")
+            if entry is None:
+                cells.append("-")
+                continue
+            std = f" ± {entry['std']:.1f}" if entry["std"] is not None else ""
+            cells.append(f"{entry['mean']:.1f}{std}")
+            train.append(entry["train_s"])
+            infer.append(entry["infer_s"])
+        times = [f"{sum(train) / len(train):.0f}", f"{sum(infer) / len(infer):.0f}"] if train else ["-", "-"]
+        lines.append(f"| {SYSTEM_NAMES[system]} | " + " | ".join(cells + times) + " |")
+    published = [f"{GLINER_PUBLISHED[d]:.1f}†" if d in GLINER_PUBLISHED else "-" for d, _ in columns]
+    lines.append("| GLiNER-L zero-shot (published, not measured) | " + " | ".join(published + ["-", "-"]) + " |")
+    return "\n".join(lines)
+
+
+def speed_table(results: Dict[str, Any]) -> str:
+    """One row per decoding system of a bench/speed.py result."""
+    rows: List[str] = [
+        "| system | sentences/s | prompts/s | generated tokens/s | forward passes | peak memory MiB "
+        "| share of compute floor | speed-up vs one generate() per prompt |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, system in results["systems"].items():
+        rows.append(
+            f"| {name} | {system['sentences_per_s']:.2f} | {system['prompts_per_s']:.2f} | "
+            f"{system['generated_tokens_per_s']:.1f} | {system['forward_passes']} | "
+            f"{system['peak_memory_mib']:.0f} | {100 * system['fraction_of_floor']:.1f}% | "
+            f"{system['speedup_vs_per_prompt']:.2f}x |"
+        )
+    return "\n".join(rows)
+
+
+def describe(results: Dict[str, Any]) -> str:
+    settings, machine = results.get("settings", {}), results.get("machine", {})
+    where = machine.get("gpu") or f"{machine.get('cpus')}-core CPU ({machine.get('processor') or machine.get('platform')})"
+    return (f"Model `{settings.get('model')}`, {where}, measured wall time "
+            f"{results.get('wall_s', 0) / 60:.0f} min. Command: `{results.get('command')}`")
+
+
+def section(results_dir: Path) -> str:
+    parts = ["## Benchmarks", "",
+             "Every figure below comes from the JSON file named with it, written by the command shown; "
+             "`python bench/table.py` regenerates this section. † published, not measured here.", ""]
+    for path in sorted(results_dir.glob("quality-*.json")):
+        results = json.loads(path.read_text())
+        parts += [f"### Few-shot F1 (spaCy ents_f x 100): `{path.relative_to(ROOT)}`", "", describe(results), "",
+                  quality_table(results), ""]
+    for path in sorted(results_dir.glob("speed-*.json")):
+        results = json.loads(path.read_text())
+        parts += [f"### Annotation speed: `{path.relative_to(ROOT)}`", "", speed_description(results), "",
+                  speed_table(results), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def speed_description(results: Dict[str, Any]) -> str:
+    env, inputs, floor = results["environment"], results["inputs"], results["compute_floor"]
+    agreement = results["agreement"]
+    return (
+        f"{inputs['sentences']} sentences x {len(inputs['labels'])} labels = {inputs['prompts']} prompts "
+        f"({inputs['prompt_tokens']} prompt tokens), model `{env['model']}` ({env['n_parameters'] / 1e6:.0f}M "
+        f"parameters, {env['dtype']}) on {env['device']} ({env['device_name']}, {env['cpu_count']} cores, "
+        f"{env['torch_threads']} torch threads), {env['date'][:10]}. Outputs of the three unconstrained "
+        f"systems differed on {agreement['mismatches']} of {agreement['prompts']} prompts. Compute floor: "
+        f"{floor['formula']} at {floor['peak_tflops']:.3f} TFLOP/s ({floor['peak_source']}). "
+        f"Command: `{env['command']}`"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--print", action="store_true", dest="print_only")
+    args = parser.parse_args()
+    text = section(args.results)
+    if args.print_only:
+        print(text)
+        return
+    readme = args.readme.read_text()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"{args.readme} has no {START} ... {END} markers.")
+    head, rest = readme.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    args.readme.write_text(f"{head}{START}\n{text}{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()
