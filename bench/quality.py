@@ -59,14 +59,16 @@ GLINER_PUBLISHED = {"politics": 72.6, "science": 62.6, "music": 69.6, "literatur
 PROFILES: Dict[str, Dict[str, Any]] = {
     # the CPU smoke matrix: SmolLM2, K=5, one seed, <= 50 test sentences per domain
     "cpu-smoke": {
-        "model": "embedded", "shots": [5], "seeds": [0], "extra_seeds": {}, "test_limit": 50,
-        "epochs": 8, "batch_size": 4, "learn_rate": 1e-3, "source_limit": 200, "source_epochs": 1,
+        "model": "embedded", "shots": [5], "seeds": [0], "extra_seeds": {}, "test_limit": 40,
+        "epochs": 5, "batch_size": 4, "learn_rate": 1e-3, "negative_ratio": 0.5, "source_limit": 200,
+        "source_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
     "gpu": {
         "model": None, "shots": [5, 20], "seeds": [0], "extra_seeds": {"politics": [1, 2]}, "test_limit": 300,
-        "epochs": 10, "batch_size": 4, "learn_rate": 5e-4, "source_limit": 2000, "source_epochs": 2,
+        "epochs": 10, "batch_size": 4, "learn_rate": 5e-4, "negative_ratio": 1.0, "source_limit": 2000,
+        "source_epochs": 2,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
     },
 }
@@ -125,7 +127,8 @@ def cllmfs_nlp(settings: Dict[str, Any], contrastive_weight: float) -> Language:
         "max_new_tokens": settings["max_new_tokens"],
         "batch_size": settings["decode_batch_size"],
         "training": {"@misc": "spacy_cllmfs.training.v1", "contrastive_weight": contrastive_weight,
-                     "micro_batch_size": settings["micro_batch_size"]},
+                     "micro_batch_size": settings["micro_batch_size"],
+                     "negative_ratio": settings["negative_ratio"]},
     })
     return nlp
 

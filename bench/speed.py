@@ -60,6 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     source.add_argument("--limit", type=int, default=50, help="Use the first N sentences")
     parser.add_argument("--model", default="embedded", help='"embedded", a hub name, a folder or a .gguf file')
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:N" or "auto"')
+    parser.add_argument("--adapter", default=None, help="A LoRA adapter folder (e.g. <pipeline>/cllmfs_ner/adapter)")
     parser.add_argument("--dtype", default="auto", help='"auto" (bf16 on GPU, fp32 on CPU), "float32", ...')
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--batch-size", type=int, default=32, help="Prompts per forward pass (b, c, d)")
@@ -124,6 +125,7 @@ def build_nlp(args: argparse.Namespace, labels: Sequence[str]) -> spacy.Language
                 "name": args.model,
                 "device": args.device,
                 "dtype": args.dtype,
+                "adapter": args.adapter,
             },
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
@@ -539,6 +541,7 @@ def environment(args: argparse.Namespace, argv: Sequence[str], model: Any, devic
         "command": shlex.join(["python", "bench/speed.py", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,
+        "adapter": args.adapter,
         "model_class": type(model).__name__,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
@@ -619,7 +622,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
         model=model,
         prompts=[list(p.ids) for p in prompts],
         end_id=component.builder.format.end_id,
-        pad_id=component._pad_id(),
+        pad_id=component.model.pad_id,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-frequency", type=int, default=0, help="0: half of --steps.")
     parser.add_argument("--batch-size", type=int, default=4, help="Sentences per step.")
-    parser.add_argument("--learn-rate", type=float, default=3e-4)
+    parser.add_argument("--learn-rate", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--contrastive-weight", type=float, default=0.1)
     parser.add_argument("--checkpoint-every", type=int, default=25)

@@ -215,6 +215,7 @@ class CLLMFSNer(TrainablePipe):
         self.cfg: Dict[str, Any] = {"labels": [], "label_descriptions": {}, "label_names": {}}
         self._set_labels(labels, label_descriptions or {}, label_names or {})
         self._builder: Optional[PromptBuilder] = None
+        self._budget: Optional[Tuple[tuple, int]] = None
 
     # -- labels -----------------------------------------------------------------
 
@@ -278,6 +279,12 @@ class CLLMFSNer(TrainablePipe):
 
     def window_budget(self) -> int:
         """RETURNS (int): The most model tokens a sentence window may take."""
+        key = (tuple(self.label_infos), self.max_window_tokens, self.max_new_tokens, id(self.builder))
+        if self._budget is None or self._budget[0] != key:
+            self._budget = (key, self._compute_budget())
+        return self._budget[1]
+
+    def _compute_budget(self) -> int:
         overhead = max(self.builder.overhead(info) for info in self.label_infos)
         room = self.model.context_length - overhead - self.max_new_tokens - WINDOW_MARGIN
         budget = min(self.max_window_tokens, room) - WINDOW_MARGIN
@@ -331,7 +338,7 @@ class CLLMFSNer(TrainablePipe):
             model,
             [p.ids for p in prompts],
             end_id=fmt.end_id,
-            pad_id=self._pad_id(),
+            pad_id=self.model.pad_id,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             constraints=[CopyConstraint(p, fmt, self.ordered_spans) for p in prompts]
@@ -387,13 +394,6 @@ class CLLMFSNer(TrainablePipe):
             else:
                 entities = existing + [s for s in kept if not _overlaps_any(s, existing)]
             doc.set_ents(sorted(entities, key=lambda s: s.start), default="outside")
-
-    def _pad_id(self) -> int:
-        tokenizer = self.model.tokenizer
-        for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-            if candidate is not None:
-                return int(candidate)
-        return 0
 
     # -- training -------------------------------------------------------------------
 
@@ -476,7 +476,7 @@ class CLLMFSNer(TrainablePipe):
         totals: Dict[str, float] = {}
         try:
             for chunk in micro_batches(items, self.training.micro_batch_size):
-                batch = collate(chunk, self._pad_id(), self.model.device, self.training.answer_only_loss)
+                batch = collate(chunk, self.model.pad_id, self.model.device, self.training.answer_only_loss)
                 for key, value in backward(model, batch, self.training, layer, norms).items():
                     totals[key] = totals.get(key, 0.0) + value
         finally:
@@ -504,7 +504,7 @@ class CLLMFSNer(TrainablePipe):
         totals: Dict[str, float] = {}
         with torch.no_grad():
             for chunk in micro_batches(items, self.training.micro_batch_size):
-                batch = collate(chunk, self._pad_id(), self.model.device, self.training.answer_only_loss)
+                batch = collate(chunk, self.model.pad_id, self.model.device, self.training.answer_only_loss)
                 loss, parts = batch_loss(model, batch, self.training, layer, norms)
                 parts["loss"] = float(loss)
                 for key, value in parts.items():

@@ -189,6 +189,17 @@ def _read_lines(path: Path) -> List[str]:
     return lines
 
 
+def _jsonl_records(path: Path) -> Iterator[Tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-empty line of a JSONL file."""
+    for line_no, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{line_no}: invalid JSON ({err}). Fix: write one JSON object per line.")
+
+
 def _split_conll_line(line: str, path: Path, line_no: int) -> Tuple[str, str]:
     if "\t" in line:
         columns = [column.strip() for column in line.split("\t")]
@@ -316,13 +327,7 @@ def read_fewnerd_episodes(path: Union[str, Path], vocab: Vocab) -> List[Episode]
     """
     path = Path(path)
     episodes = []
-    for line_no, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{line_no}: invalid JSON ({err}). Fix: write one JSON object per line.")
+    for line_no, record in _jsonl_records(path):
         missing = [key for key in ("support", "query", "types") if not isinstance(record, dict) or key not in record]
         if missing:
             raise CorpusError(
@@ -461,13 +466,7 @@ def read_jsonl(
     else:
         nlp = spacy.blank(lang)
     docs = []
-    for line_no, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{line_no}: invalid JSON ({err}). Fix: write one JSON object per line.")
+    for line_no, record in _jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise CorpusError(f"{path}:{line_no}: record has no 'text' string. Fix: add \"text\": \"...\".")
         if not record["text"].strip():

@@ -244,6 +244,15 @@ class HFCausalLM:
         return self._tokenizer
 
     @property
+    def pad_id(self) -> int:
+        """RETURNS (int): The id for padding (always masked out): pad, else eos, else 0."""
+        tokenizer = self.tokenizer
+        for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
     def has_adapter(self) -> bool:
         return self._peft is not None or self._adapter is not None
 

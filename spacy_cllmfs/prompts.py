@@ -204,7 +204,7 @@ class PromptBuilder:
         self.format = AnswerFormat(
             open_ids=self._encode(template.span_open),
             close_ids=self._encode(template.span_close),
-            end_id=self._end_id(after_answer),
+            end_id=end_of_answer_id(tokenizer, after_answer),
             span_open=template.span_open,
             span_close=template.span_close,
         )
@@ -229,18 +229,6 @@ class PromptBuilder:
             raise ValueError("The chat template altered the prompt; set use_chat_template = false.")
         before, after = text.split(_MARKS["answer"])
         return before, after
-
-    def _end_id(self, after_answer: str) -> int:
-        special = set(self.tokenizer.all_special_ids)
-        following = self._encode(after_answer) if after_answer.strip() else []
-        if following and following[0] in special:
-            return following[0]
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(
-                "The tokenizer has no end-of-sequence token, so answers cannot end. "
-                "Fix: use a tokenizer with an eos_token."
-            )
-        return int(self.tokenizer.eos_token_id)
 
     def _encode(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -335,6 +323,32 @@ class PromptBuilder:
     def decode(self, ids: Sequence[int]) -> str:
         """Turn ids back into text."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def end_of_answer_id(tokenizer: Any, after_answer: str) -> int:
+    """The token that ends an answer: the special token that the chat template puts
+    right after the assistant's text (e.g. <|im_end|>), else the eos token.
+
+    after_answer (str): The rendered template's text after the assistant's content.
+    RAISES (ValueError): If there is neither.
+    """
+    following = tokenizer(after_answer, add_special_tokens=False)["input_ids"] if after_answer.strip() else []
+    if following and is_special(tokenizer, following[0]):
+        return int(following[0])
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            "The tokenizer has no end-of-sequence token and its chat template does not end a "
+            "turn with a special token, so answers cannot end. Fix: use a tokenizer with an eos_token."
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def is_special(tokenizer: Any, token_id: int) -> bool:
+    """RETURNS (bool): Whether the id is one of the tokenizer's special tokens."""
+    if token_id in set(tokenizer.all_special_ids):
+        return True
+    token = (getattr(tokenizer, "added_tokens_decoder", None) or {}).get(token_id)
+    return bool(getattr(token, "special", False))
 
 
 def _find(seq: Sequence[int], sub: Sequence[int], start: int) -> int:

@@ -30,6 +30,7 @@ from spacy.util import registry
 from .decoding import DecodingStats, generate
 from .embedded import EMBEDDED_NAME
 from .models import HFCausalLM
+from .prompts import end_of_answer_id
 
 logger = logging.getLogger("spacy_cllmfs")
 
@@ -164,11 +165,7 @@ class SpacyLLMModel:
     @property
     def pad_id(self) -> int:
         """RETURNS (int): The id for left padding (masked out)."""
-        tokenizer = self.lm.tokenizer
-        for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-            if candidate is not None:
-                return int(candidate)
-        return 0
+        return self.lm.pad_id
 
     @property
     def context_length(self) -> Optional[int]:
@@ -204,6 +201,7 @@ class SpacyLLMModel:
 
     def _find_end_id(self) -> int:
         tokenizer = self.lm.tokenizer
+        after = ""
         if self._chat:
             messages = self._messages("Hi") + [{"role": "assistant", "content": _MARK}]
             try:
@@ -213,16 +211,10 @@ class SpacyLLMModel:
                 text = ""
             if text.count(_MARK) == 1:
                 after = text.split(_MARK)[1]
-                following = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
-                if following and _is_special(tokenizer, following[0]):
-                    return following[0]
-        if tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"{MODEL_NAME}: the tokenizer of '{self.lm.name}' has no end-of-sequence token "
-                "and no chat template that ends a turn with a special token, so answers cannot "
-                "end. Fix: use a model whose tokenizer has an eos_token."
-            )
-        return int(tokenizer.eos_token_id)
+        try:
+            return end_of_answer_id(tokenizer, after)
+        except ValueError as err:
+            raise ValueError(f"{MODEL_NAME}: {err}") from err
 
     def _positions(self) -> Optional[int]:
         if self._n_positions is None:
@@ -245,14 +237,6 @@ class SpacyLLMModel:
                 "degrade. Fix: set `[components.llm.model] context_length` lower so that "
                 "spacy-llm shards long docs, or use fewer few-shot examples."
             )
-
-
-def _is_special(tokenizer: Any, token_id: int) -> bool:
-    if token_id in set(tokenizer.all_special_ids):
-        return True
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    token = added.get(token_id)
-    return bool(getattr(token, "special", False))
 
 
 def _config_positions(lm: HFCausalLM) -> Optional[int]:

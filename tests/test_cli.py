@@ -98,9 +98,10 @@ def test_demo_annotates_texts(tiny_model_path):
     from spacy_cllmfs.cli import app
 
     result = CliRunner().invoke(app, [
-        "demo", "--model", str(tiny_model_path), "--device", "cpu", "--labels", "person,location",
+        "demo", "--model", str(tiny_model_path), "--device", "cpu", "--labels", "person,location", "--steps", "2",
         "--text", "Barack Obama visited Paris.", "--text", "Nothing here."])
     assert result.exit_code == 0, result.output
+    assert "Trained a LoRA adapter on 10 sentences for 2 steps" in result.output
     # (transformers' loading progress bar may precede the first line)
     assert "Barack Obama visited Paris.\n  -> " in result.output
     assert "\nNothing here.\n  -> " in result.output
@@ -116,3 +117,14 @@ def test_subset_keeps_the_first_docs(tmp_path):
     assert [d.text for d in kept] == ["w0", "w1", "w2"] and len(kept[1].ents) == 1
     result = CliRunner().invoke(app, ["subset", str(tmp_path / "missing.spacy"), str(tmp_path / "o.spacy"), "--n", "1"])
     assert result.exit_code == 1 and "python -m spacy_cllmfs convert" in result.output
+
+
+def test_demo_shots_are_well_formed():
+    import spacy
+
+    from spacy_cllmfs.cli import DEMO_SHOTS, demo_examples
+
+    examples = demo_examples(spacy.blank("en"))
+    assert len(examples) == len(DEMO_SHOTS)
+    assert [e.text for e in examples[0].reference.ents] == ["Angela Merkel", "Emmanuel Macron", "Berlin"]
+    assert examples[5].reference.ents == () and examples[5].reference[0].ent_iob_ == "O"
