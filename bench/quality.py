@@ -224,6 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="Start no new run after this many minutes (0: no limit); rerun to continue")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="Override a profile setting, e.g. --set source_limit=50")
     args = parser.parse_args(argv)
@@ -276,6 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     key = f"{system}|{domain_name}|k{k}|s{seed}"
                     if key in runs:
                         continue
+                    if args.time_budget and time.time() - began > 60 * args.time_budget:
+                        print(f"Time budget of {args.time_budget} min used; rerun to continue.", flush=True)
+                        write_json(args.output, results)
+                        return
                     print(f"== {key}: {len(shots)} training sentences, {len(domain.test)} test", flush=True)
                     begin = time.time()
                     if system == "spacy_ner":

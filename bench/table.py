@@ -74,11 +74,11 @@ def section(results_dir: Path) -> str:
              "`python bench/table.py` regenerates this section. † published, not measured here.", ""]
     for path in sorted(results_dir.glob("quality-*.json")):
         results = json.loads(path.read_text())
-        parts += [f"### Few-shot F1 (spaCy ents_f x 100): `{path.relative_to(ROOT)}`", "", describe(results), "",
+        parts += [f"### Few-shot F1 (spaCy ents_f x 100): `{_shown(path)}`", "", describe(results), "",
                   quality_table(results), ""]
     for path in sorted(results_dir.glob("speed-*.json")):
         results = json.loads(path.read_text())
-        parts += [f"### Annotation speed: `{path.relative_to(ROOT)}`", "", speed_description(results), "",
+        parts += [f"### Annotation speed: `{_shown(path)}`", "", speed_description(results), "",
                   speed_table(results), ""]
     return "\n".join(parts).rstrip() + "\n"
 
@@ -97,22 +97,33 @@ def speed_description(results: Dict[str, Any]) -> str:
     )
 
 
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
+def main_with(results_dir: Path, readme_path: Path) -> None:
+    """Replace the README's section between the markers with fresh tables."""
+    readme = readme_path.read_text(encoding="utf8")
+    if START not in readme or END not in readme:
+        raise SystemExit(f"{readme_path} has no {START} ... {END} markers.")
+    head, rest = readme.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    readme_path.write_text(f"{head}{START}\n{section(results_dir)}{END}{tail}", encoding="utf8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--print", action="store_true", dest="print_only")
     args = parser.parse_args()
-    text = section(args.results)
     if args.print_only:
-        print(text)
-        return
-    readme = args.readme.read_text()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"{args.readme} has no {START} ... {END} markers.")
-    head, rest = readme.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    args.readme.write_text(f"{head}{START}\n{text}{END}{tail}")
+        print(section(args.results))
+    else:
+        main_with(args.results, args.readme)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,21 @@ def subset_cli(
     typer.echo(f"Kept {len(kept)} of {len(docs)} docs in {output_path}")
 
 
+@app.command("export-model")
+def export_model_cli(
+    model: str = typer.Argument(..., help="Hub name, folder, .gguf file or 'embedded'."),
+    output_path: Path = typer.Argument(..., help="Folder for the safetensors model and tokenizer."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16..."),
+    device: str = typer.Option("cpu", "--device", help="Where to load the model while exporting."),
+) -> None:
+    """Save a (e.g. GGUF, dequantized) base model as a Hugging Face folder that loads fast."""
+    from .models import HFCausalLM, export_model
+
+    with _report_errors():
+        path = export_model(HFCausalLM(model, device=device, dtype=dtype), output_path)
+    typer.echo(f"Wrote {path}: use it as `[components.cllmfs_ner.model] name = \"{path}\"`")
+
+
 @app.command("episodes")
 def episodes_cli(
     input_path: Path = typer.Argument(..., help="Few-NERD episode JSONL, or a .spacy file converted from one."),

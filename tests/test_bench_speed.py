@@ -64,3 +64,22 @@ def test_parse_args_needs_a_source(speed) -> None:
 def test_truncate_at_end_keeps_the_end_token(speed) -> None:
     assert speed.truncate_at_end([5, 6, 2, 2, 7], 2) == [5, 6, 2]
     assert speed.truncate_at_end([5, 6], 2) == [5, 6]
+
+
+def test_readme_section_renders_speed_results(speed, tiny_model_path: Path, tmp_path: Path) -> None:
+    table = importlib.import_module("bench.table")
+    texts_file = tmp_path / "texts.txt"
+    texts_file.write_text("\n".join(TEXTS[:2]) + "\n", encoding="utf8")
+    results = tmp_path / "results"
+    results.mkdir()
+    speed.main([
+        "--texts-file", str(texts_file), "--labels", "person", "--model", str(tiny_model_path), "--device", "cpu",
+        "--threads", "1", "--max-new-tokens", "4", "--peak-tflops", "1.0", "--output", str(results / "speed-x.json"),
+    ])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.START}\nold\n{table.END}\noutro\n", encoding="utf8")
+    text = table.section(results)
+    assert "| cllmfs_free |" in text and "2 sentences x 1 labels = 2 prompts" in text
+    table.main_with(results, readme)
+    written = readme.read_text(encoding="utf8")
+    assert written.startswith("intro\n") and written.endswith("outro\n") and "old" not in written

@@ -128,3 +128,15 @@ def test_demo_shots_are_well_formed():
     assert len(examples) == len(DEMO_SHOTS)
     assert [e.text for e in examples[0].reference.ents] == ["Angela Merkel", "Emmanuel Macron", "Berlin"]
     assert examples[5].reference.ents == () and examples[5].reference[0].ent_iob_ == "O"
+
+
+def test_export_model_writes_a_loadable_folder(tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = CliRunner().invoke(app, ["export-model", str(tiny_model_path), str(tmp_path / "out"), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    for (name, a), (_, b) in zip(original.state_dict().items(), exported.state_dict().items()):
+        assert a.shape == b.shape and bool((a == b).all()), name
+    assert (tmp_path / "out" / "tokenizer.json").exists()

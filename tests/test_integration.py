@@ -58,3 +58,24 @@ def test_to_disk_and_load_give_identical_results(smol_nlp, tmp_path):
     assert size < 60_000_000  # the adapter only, not the base weights
     loaded = spacy.load(tmp_path / "pipeline")
     assert [ents(d) for d in loaded.pipe(TEXTS)] == expected
+
+
+def test_few_shot_training_on_cpu_lowers_the_loss():
+    """20 sentences of our own, LoRA + contrastive loss with the embedded model: minutes on a CPU."""
+    from spacy_cllmfs.corpora import read_jsonl
+    from spacy_cllmfs.loop import as_examples, fit
+
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("cllmfs_ner", config={"model": {"device": "cpu"}, "max_new_tokens": 32})
+    docs = read_jsonl("tests/fixtures/mini_ner.jsonl", nlp)
+    assert len(docs) == 20
+    examples = as_examples(nlp, docs)
+    nlp.initialize(lambda: examples)
+    assert ner.labels == ("location", "person")
+    before, parts = ner.get_loss(examples)
+    assert parts["contrastive"] > 0
+    history = fit(nlp, examples, steps=10, batch_size=4, learn_rate=1e-3, warmup_steps=1)
+    after, _ = ner.get_loss(examples)
+    assert after < 0.6 * before, (before, after, history)
+    found = [(e.text, e.label_) for e in nlp("Barack Obama gave a speech in Chicago.").ents]
+    assert all(label in ("location", "person") for _, label in found)
