@@ -258,7 +258,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     runs = results.setdefault("runs", {})
     results["settings"] = {k: v for k, v in settings.items()}
     results["machine"] = machine()
-    results["command"] = " ".join([sys.executable.split("/")[-1], *sys.argv])
+    given = list(argv) if argv is not None else sys.argv[1:]
+    results["command"] = " ".join(["python", "bench/quality.py", *given])
+    commands = results.setdefault("commands", [])  # every invocation that added runs (resumes)
+    if results["command"] not in commands:
+        commands.append(results["command"])
 
     began = time.time()
     lm = HFCausalLM(settings["model"], device=args.device)

@@ -64,8 +64,11 @@ def speed_table(results: Dict[str, Any]) -> str:
 def describe(results: Dict[str, Any]) -> str:
     settings, machine = results.get("settings", {}), results.get("machine", {})
     where = machine.get("gpu") or f"{machine.get('cpus')}-core CPU ({machine.get('processor') or machine.get('platform')})"
-    return (f"Model `{settings.get('model')}`, {where}, measured wall time "
-            f"{results.get('wall_s', 0) / 60:.0f} min. Command: `{results.get('command')}`")
+    commands = results.get("commands") or [results.get("command")]
+    shown = "Command: " if len(commands) == 1 else "Commands (one matrix, resumed): "
+    wall = sum(run.get("wall_s", 0.0) for run in results["runs"].values())
+    return (f"Model `{settings.get('model')}`, {where}, {len(results['runs'])} runs, sum of their measured "
+            f"wall times {wall / 60:.0f} min. {shown}" + "; ".join(f"`{c}`" for c in commands))
 
 
 def section(results_dir: Path) -> str:
@@ -90,11 +93,17 @@ def speed_description(results: Dict[str, Any]) -> str:
         f"{inputs['sentences']} sentences x {len(inputs['labels'])} labels = {inputs['prompts']} prompts "
         f"({inputs['prompt_tokens']} prompt tokens), model `{env['model']}` ({env['n_parameters'] / 1e6:.0f}M "
         f"parameters, {env['dtype']}) on {env['device']} ({env['device_name']}, {env['cpu_count']} cores, "
-        f"{env['torch_threads']} torch threads), {env['date'][:10]}. Outputs of the three unconstrained "
+        f"{env['torch_threads']} torch threads), {env['date'][:10]}{_load(env)}. Outputs of the three unconstrained "
         f"systems differed on {agreement['mismatches']} of {agreement['prompts']} prompts. Compute floor: "
         f"{floor['formula']} at {floor['peak_tflops']:.3f} TFLOP/s ({floor['peak_source']}). "
         f"Command: `{env['command']}`"
     )
+
+
+def _load(env: Dict[str, Any]) -> str:
+    """The 1-minute load average at the start, when the run recorded it (other jobs slow CPU runs)."""
+    load = env.get("load_average_at_start")
+    return f", 1-min load average {load[0]:.1f} at the start" if load else ""
 
 
 def _shown(path: Path) -> str:

@@ -8,7 +8,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import quality  # noqa: E402
-from bench.table import quality_table  # noqa: E402
+from bench.table import describe, quality_table  # noqa: E402
 
 
 def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path):
@@ -33,6 +33,10 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path):
     assert list((tmp_path / "work").glob("source-*/adapter_config.json"))
     quality.main(argv)  # everything is done already: nothing runs again
     assert json.loads(output.read_text())["runs"] == results["runs"]
+    quality.main(argv + ["--systems", "spacy_ner"])  # a resume with other arguments is recorded too
+    resumed = json.loads(output.read_text())
+    assert resumed["runs"] == results["runs"] and len(resumed["commands"]) == 2
+    assert "Commands (one matrix, resumed)" in describe(resumed) and "5 runs" in describe(resumed)
     table = quality_table(results)
     for system in quality.SYSTEMS:
         assert f"| {quality.SYSTEM_NAMES[system]} |" in table
