@@ -91,7 +91,9 @@ def speed_description(results: Dict[str, Any]) -> str:
     agreement = results["agreement"]
     return (
         f"{inputs['sentences']} sentences x {len(inputs['labels'])} labels = {inputs['prompts']} prompts "
-        f"({inputs['prompt_tokens']} prompt tokens), model `{env['model']}` ({env['n_parameters'] / 1e6:.0f}M "
+        f"({inputs['prompt_tokens']} prompt tokens), model `{env['model']}`"
+        + (f" with LoRA adapter `{env['adapter']}`" if env.get("adapter") else " (no adapter)")
+        + f" ({env['n_parameters'] / 1e6:.0f}M "
         f"parameters, {env['dtype']}) on {env['device']} ({env['device_name']}, {env['cpu_count']} cores, "
         f"{env['torch_threads']} torch threads), {env['date'][:10]}{_load(env)}. Outputs of the three unconstrained "
         f"systems differed on {agreement['mismatches']} of {agreement['prompts']} prompts. Compute floor: "
