@@ -260,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results["machine"] = machine()
     given = list(argv) if argv is not None else sys.argv[1:]
     results["command"] = " ".join(["python", "bench/quality.py", *given])
-    commands = results.setdefault("commands", [])  # every invocation that added runs (resumes)
+    commands = results.setdefault("commands", [])  # every invocation of this matrix (resumes)
     if results["command"] not in commands:
         commands.append(results["command"])
 
