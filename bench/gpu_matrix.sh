@@ -2,8 +2,8 @@
 # The GPU benchmark matrix, for a machine with a CUDA GPU (e.g. the lent H100).
 # SPEED=1 also runs the speed benchmark (give it a call of its own).
 # Resumable: each call continues where the last stopped, and stops starting new runs
-# after TIME_BUDGET minutes, so it fits short device calls. Run it again until it says
-# "matrix complete", then `python bench/table.py` updates the README.
+# after TIME_BUDGET minutes, so it fits short device calls. Run it again until quality.py
+# says "Matrix complete", then `python bench/table.py` updates the README.
 #   MODEL_GGUF=/root/stage/files/qwen2.5-coder-1.5b-instruct.gguf DATA=/root/stage/crossner bash bench/gpu_matrix.sh
 # Get the GGUF with `python bench/get_model.py qwen2.5-coder-1.5b-instruct DIR` (and see
 # ../shared/gpu/README.md for carrying wheels, model and data to a machine without internet).
@@ -25,11 +25,3 @@ if [ "${SPEED:-0}" = 1 ]; then  # a separate call: one generate() per prompt is 
   python bench/speed.py --data "$DATA" --domain politics --limit 50 --model "$folder" --device cuda:0 \
     --batch-size 256 --max-new-tokens 96 --output "bench/results/speed-gpu-$name-politics.json"
 fi
-python - "$name" <<'PY'
-import json, sys
-from bench.quality import DOMAINS, PROFILES, SYSTEMS
-runs = json.load(open(f"bench/results/quality-gpu-{sys.argv[1]}.json"))["runs"]
-p = PROFILES["gpu"]
-todo = sum(len(p["shots"]) * (len(p["seeds"]) + len(p["extra_seeds"].get(d, []))) for d in DOMAINS) * len(SYSTEMS)
-print("matrix complete" if len(runs) >= todo else f"{len(runs)} of {todo} runs done: run again")
-PY

@@ -311,6 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     results["wall_s"] = results.get("wall_s", 0.0) + runs[key]["wall_s"]
                     write_json(args.output, results)
     write_json(args.output, results)
+    print(f"Matrix complete: every requested run is in {args.output}.", flush=True)
 
 
 def summarize(runs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:

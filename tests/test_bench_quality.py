@@ -11,7 +11,7 @@ from bench import quality  # noqa: E402
 from bench.table import describe, quality_table  # noqa: E402
 
 
-def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path):
+def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     for domain in ("politics", "conll2003"):
         (tmp_path / "data" / domain).mkdir(parents=True)
         for split in ("train", "dev", "test"):
@@ -24,7 +24,10 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path):
         "--set", "source_limit=4", "--set", "spacy_ner_steps=4", "--set", "max_new_tokens=12",
         "--set", "llm_max_new_tokens=12",
     ]
+    quality.main(argv + ["--time-budget", "1e-9"])  # the budget is spent before the first run
+    assert "Time budget" in capsys.readouterr().out and not json.loads(output.read_text())["runs"]
     quality.main(argv)
+    assert "Matrix complete" in capsys.readouterr().out
     results = json.loads(output.read_text())
     assert set(results["runs"]) == {f"{s}|politics|k1|s0" for s in quality.SYSTEMS}
     for run in results["runs"].values():
@@ -35,7 +38,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path):
     assert json.loads(output.read_text())["runs"] == results["runs"]
     quality.main(argv + ["--systems", "spacy_ner"])  # a resume with other arguments is recorded too
     resumed = json.loads(output.read_text())
-    assert resumed["runs"] == results["runs"] and len(resumed["commands"]) == 2
+    assert resumed["runs"] == results["runs"] and len(resumed["commands"]) == 3
     assert "Commands (one matrix, resumed)" in describe(resumed) and "5 runs" in describe(resumed)
     table = quality_table(results)
     for system in quality.SYSTEMS:
