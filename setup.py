@@ -26,7 +26,10 @@ setup(
         "gguf>=0.10",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.100"],
+        "ray": ["ray[data]>=2.9"],  # annotate --ray: Ray Data actors on a cluster
+    },
     entry_points={
         "spacy_factories": ["cllmfs_ner = spacy_cllmfs.component:make_cllmfs_ner"],
         "spacy_misc": [

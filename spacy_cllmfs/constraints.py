@@ -7,11 +7,27 @@ parses and every span is a span of the input. With `ordered=True` each span
 must start after the previous one (gold answers list spans in sentence
 order), which also bounds the answer: it cannot repeat itself forever.
 """
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
 
 from .prompts import AnswerFormat, Prompt
 
 OUTSIDE, OPENING, SPAN_FIRST, IN_SPAN, CLOSING, DONE = range(6)
+
+
+@dataclass
+class CopiedSpan:
+    """A span the answer copied: where it sits in the answer and where in the sentence.
+
+    first (int): Index of its first token among the generated tokens.
+    close (int): Index of the first token of its closing delimiter.
+    words (List[Tuple[int, int]]): Every [start, end) word range of the sentence that
+        the copied tokens match (a repeated name matches several).
+    """
+
+    first: int
+    close: int
+    words: List[Tuple[int, int]]
 
 
 class CopyConstraint:
@@ -28,11 +44,13 @@ class CopyConstraint:
         self.tokens: List[int] = []
         self.word_start: List[bool] = []
         self.word_end: List[bool] = []
-        for start, end in prompt.word_spans:
+        self.word_of: List[int] = []
+        for word, (start, end) in enumerate(prompt.word_spans):
             for pos in range(start, end):
                 self.tokens.append(prompt.ids[pos])
                 self.word_start.append(pos == start)
                 self.word_end.append(pos == end - 1)
+                self.word_of.append(word)
         self._starts: Dict[int, List[int]] = {}
         for j, (token, is_start) in enumerate(zip(self.tokens, self.word_start)):
             if is_start:
@@ -41,6 +59,9 @@ class CopyConstraint:
         self.forced_index = 0
         self.last_start = -1
         self.ends: Dict[int, int] = {}  # last matched sentence position -> span start
+        self.steps = 0  # tokens generated so far
+        self.span_first = 0
+        self.copied: List[CopiedSpan] = []
 
     @property
     def done(self) -> bool:
@@ -74,6 +95,7 @@ class CopyConstraint:
     def advance(self, token: int) -> None:
         """Move the automaton on by one generated token (which must be allowed)."""
         mode, fmt = self.mode, self.fmt
+        self.steps += 1
         if mode == OUTSIDE:
             if token == fmt.end_id:
                 self.mode = DONE
@@ -85,11 +107,15 @@ class CopyConstraint:
             self._forced(CLOSING, fmt.close_ids, then=OUTSIDE, index=self.forced_index + 1)
         elif mode == SPAN_FIRST:
             self.ends = {j: j for j in self._starts.get(token, []) if j > self.last_start}
+            self.span_first = self.steps - 1
             self.mode = IN_SPAN
         elif mode == IN_SPAN:
             # A token that could close the span or continue it closes it.
             if token == fmt.close_ids[0] and self._closable():
-                self.last_start = min(s for j, s in self.ends.items() if self.word_end[j])
+                matches = sorted((s, j) for j, s in self.ends.items() if self.word_end[j])
+                words = [(self.word_of[s], self.word_of[j] + 1) for s, j in matches]
+                self.copied.append(CopiedSpan(self.span_first, self.steps - 1, words))
+                self.last_start = matches[0][0]
                 if not self.ordered:
                     self.last_start = -1
                 self.ends = {}

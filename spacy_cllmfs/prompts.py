@@ -33,7 +33,12 @@ DEFAULT_INSTRUCTION = (
     "Please extract the entity of {label} in the input sentence given below, "
     "the entity of {label} refers to {description}.\nInput sentence: {sentence}"
 )
+SENTENCE_FIRST_INSTRUCTION = (
+    "Input sentence: {sentence}\nPlease extract the entity of {label} in the input sentence "
+    "given above, the entity of {label} refers to {description}."
+)
 DEFAULT_ANSWER_PREFIX = "I can extract entities for you, the extracted entities are"
+ANCHOR = "\n"  # text that never merges with what follows it (see `PromptBuilder._encode`)
 SPAN_OPEN = " <<<"
 SPAN_CLOSE = " >>>"
 SLOTS = ("label", "description", "sentence")
@@ -48,7 +53,9 @@ class PromptTemplate:
     placeholders, the fixed start of the answer, and the span delimiters.
 
     use_chat_template (bool): Wrap the prompt in the tokenizer's chat template if it has one.
-    system_prompt (Optional[str]): A system message for chat templates (None: the template's).
+    system_prompt (Optional[str]): A system message. None keeps the chat template's default
+        (SmolLM2's and Qwen2.5's add ~20 tokens to every prompt); "" sends an empty one,
+        which replaces that default with the shortest system turn the template allows.
     """
 
     instruction: str = DEFAULT_INSTRUCTION
@@ -87,7 +94,32 @@ def prompt_v1(
     use_chat_template: bool = True,
     system_prompt: Optional[str] = None,
 ) -> PromptTemplate:
-    """Registered CLLMFS prompt template (see the module docstring for the text)."""
+    """The CLLMFS prompt, label first (see the module docstring for the text). Only the
+    chat header is shared by the labels of a sentence."""
+    return PromptTemplate(
+        instruction=instruction,
+        answer_prefix=answer_prefix,
+        span_open=span_open,
+        span_close=span_close,
+        use_chat_template=use_chat_template,
+        system_prompt=system_prompt,
+    )
+
+
+@registry.misc("spacy_cllmfs.prompt.v2")
+def prompt_v2(
+    instruction: str = SENTENCE_FIRST_INSTRUCTION,
+    answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+    span_open: str = SPAN_OPEN,
+    span_close: str = SPAN_CLOSE,
+    use_chat_template: bool = True,
+    system_prompt: Optional[str] = "",
+) -> PromptTemplate:
+    """The CLLMFS prompt, sentence first: the sentence comes before the per-label
+    question, so the chat header and the sentence form a prefix that all labels
+    share (computed once per sentence), and the chat template's default system
+    message is replaced by an empty one. The question and answer are the paper's.
+    """
     return PromptTemplate(
         instruction=instruction,
         answer_prefix=answer_prefix,
@@ -115,6 +147,16 @@ class Prompt:
     shared_len: int
     word_spans: List[Tuple[int, int]]
     label_positions: List[int]
+
+    @property
+    def prefix(self) -> List[int]:
+        """RETURNS (List[int]): The ids shared by all labels of the sentence."""
+        return self.ids[: self.shared_len]
+
+    @property
+    def suffix(self) -> List[int]:
+        """RETURNS (List[int]): The label's own ids, after the shared prefix."""
+        return self.ids[self.shared_len :]
 
     def sentence_ids(self) -> List[int]:
         """RETURNS (List[int]): The ids of the sentence, in order."""
@@ -186,6 +228,7 @@ class PromptBuilder:
     def __init__(self, template: PromptTemplate, tokenizer: Any) -> None:
         self.template = template
         self.tokenizer = tokenizer
+        self._anchor = _anchor_ids(tokenizer)
         prompt_text, after_answer = self._render(template, tokenizer)
         self.pieces: List[Tuple[str, Any]] = []  # ("ids", List[int]) or (slot, leading text)
         pending = ""
@@ -197,7 +240,7 @@ class PromptBuilder:
                 stripped = part.rstrip(" ")
                 pending = part[len(stripped) :]
                 if stripped:
-                    self.pieces.append(("ids", self._encode(stripped)))
+                    self.pieces.append(("ids", self._encode(stripped, at_start=not self.pieces)))
         if pending:
             self.pieces.append(("ids", self._encode(pending)))
         self.sentence_lead = next(lead for kind, lead in self.pieces if kind == "sentence")
@@ -230,17 +273,32 @@ class PromptBuilder:
         before, after = text.split(_MARKS["answer"])
         return before, after
 
-    def _encode(self, text: str) -> List[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _encode(self, text: str, at_start: bool = False) -> List[int]:
+        """Tokenize a piece of the prompt as it reads in the middle of the prompt (or at
+        its start). Byte-level BPE tokenizes a piece alone as it does in context.
+        SentencePiece-style tokenizers (Metaspace, with a dummy prefix: Llama-2, Mistral,
+        Phi-3) prefix every text with a space marker, so a piece alone would gain a
+        marker (or lose the one its own space gives): it is tokenized after an anchor
+        ("\n", which merges with nothing), and the anchor's ids are cut off."""
+        if at_start or self._anchor is None:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._encode_many([text])[0]
+
+    def _encode_many(self, texts: List[str]) -> List[List[int]]:
+        if self._anchor is None:
+            return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        n = len(self._anchor)
+        encoded = self.tokenizer([ANCHOR + t for t in texts], add_special_tokens=False)["input_ids"]
+        return [list(ids[n:]) for ids in encoded]
 
     def encode_words(self, texts: List[str]) -> List[List[int]]:
         """Tokenize word pieces (with their leading space), with a cache."""
         missing = list({t for t in texts if t not in self._cache})
         if missing:
-            encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            encoded = self._encode_many(missing)
             if len(self._cache) > 200_000:
                 self._cache.clear()
-            self._cache.update(zip(missing, (list(ids) for ids in encoded)))
+            self._cache.update(zip(missing, encoded))
         return [self._cache[t] for t in texts]
 
     def word_pieces(self, sentence: Span) -> List[str]:
@@ -323,6 +381,25 @@ class PromptBuilder:
     def decode(self, ids: Sequence[int]) -> str:
         """Turn ids back into text."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _anchor_ids(tokenizer: Any) -> Optional[List[int]]:
+    """The ids of `ANCHOR` if pieces must be tokenized after it (see
+    `PromptBuilder._encode`), or None if a piece tokenizes alone as in context."""
+
+    def encode(text: str) -> List[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if encode("a") + encode(" b") + encode(".") == encode("a b."):
+        return None
+    anchor = encode(ANCHOR)
+    for piece in (" b", ".", "b"):
+        if encode(ANCHOR + piece)[: len(anchor)] != anchor:
+            raise ValueError(
+                "The tokenizer merges a line break with the text after it, so prompts cannot "
+                "be assembled word by word. Fix: use a byte-level BPE or SentencePiece tokenizer."
+            )
+    return anchor
 
 
 def end_of_answer_id(tokenizer: Any, after_answer: str) -> int:

@@ -27,9 +27,10 @@ import srsly
 from spacy.tokens import Doc
 from spacy.util import registry
 
-from .decoding import DecodingStats, generate
+from .decoding import DecodingStats
 from .embedded import EMBEDDED_NAME
-from .models import HFCausalLM
+from .inference import DecodingSettings, generate_texts
+from .models import HFCausalLM, context_length_of
 from .prompts import end_of_answer_id
 
 logger = logging.getLogger("spacy_cllmfs")
@@ -61,6 +62,8 @@ class SpacyLLMModel:
         preamble (raw text); None for none.
     context_length (Optional[int]): The most prompt tokens, which spacy-llm uses
         to shard long docs. None: the model's positions minus max_new_tokens.
+    shared_prefix (bool): Compute the start that a batch's prompts share (the task
+        text and the few-shot examples) once per batch instead of once per prompt.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class SpacyLLMModel:
         use_chat_template: bool = True,
         system_prompt: Optional[str] = None,
         context_length: Optional[int] = None,
+        shared_prefix: bool = True,
     ) -> None:
         for setting, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -88,6 +92,7 @@ class SpacyLLMModel:
         self.batch_size = batch_size
         self.use_chat_template = use_chat_template
         self.system_prompt = system_prompt
+        self.shared_prefix = shared_prefix
         self.stats = DecodingStats()
         self._context_length = context_length
         self._n_positions: Optional[int] = None
@@ -126,13 +131,18 @@ class SpacyLLMModel:
         if not todo:
             return responses
         tokenizer = self.lm.tokenizer
-        generations = generate(
-            self.lm.model,
+        settings = DecodingSettings(
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            constrained=False,
+            shared_prefix=self.shared_prefix,
+        )
+        generations = generate_texts(
+            self.lm.inference_model(),
             [encoded[i] for i in todo],
             end_id=self.end_id,
             pad_id=self.pad_id,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
+            settings=settings,
             stats=self.stats,
         )
         for i, generation in zip(todo, generations):
@@ -251,12 +261,7 @@ def _config_positions(lm: HFCausalLM) -> Optional[int]:
     except Exception as err:  # no config (e.g. offline hub name): spacy-llm won't shard
         logger.warning("Could not read the config of '%s' (%s): docs won't be sharded.", lm.name, err)
         return None
-    config = getattr(config, "text_config", None) or config
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_length_of(config)
 
 
 def _for_llm_component(message: str) -> str:
@@ -277,6 +282,7 @@ def spacy_llm_model_v1(
     use_chat_template: bool = True,
     system_prompt: Optional[str] = None,
     context_length: Optional[int] = None,
+    shared_prefix: bool = True,
 ) -> SpacyLLMModel:
     """Registered spacy-llm model: a local causal LM, optionally with a cllmfs LoRA adapter.
 
@@ -291,6 +297,7 @@ def spacy_llm_model_v1(
     system_prompt (Optional[str]): A system message; None for none.
     context_length (Optional[int]): The most prompt tokens, for sharding long docs;
         None: the model's positions minus max_new_tokens.
+    shared_prefix (bool): Compute the start that a batch's prompts share once per batch.
     RETURNS (SpacyLLMModel): The model; the weights load on the first call.
     """
     try:
@@ -304,6 +311,7 @@ def spacy_llm_model_v1(
         use_chat_template=use_chat_template,
         system_prompt=system_prompt,
         context_length=context_length,
+        shared_prefix=shared_prefix,
     )
 
 

@@ -14,13 +14,15 @@ learn rate (schedules included, since spaCy steps them), betas, eps, L2
 import contextlib
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from spacy.tokens import Span
 from spacy.training import Example
 from spacy.util import registry
 
+from . import batching
+from .decoding import cache_kwarg
 from .labels import LabelInfo
 from .losses import (
     CONTRASTIVE_LOSSES,
@@ -54,6 +56,10 @@ class TrainingSettings:
         batch are accumulated over its micro-batches.
     mixed_precision (bool): bfloat16 autocast when training on a GPU.
     gradient_checkpointing (bool): Trade compute for activation memory.
+    shared_prefix (bool): Compute the ids that a window's prompts share once per
+        window; gradients reach the LoRA weights through the shared part too. Same
+        loss and gradient as computing every prompt whole. It needs `answer_only_loss`
+        and no FGM or gradient checkpointing; otherwise prompts are computed whole.
     seed (int): Seed for sampling prompts without entities and negatives.
     """
 
@@ -68,6 +74,7 @@ class TrainingSettings:
     micro_batch_size: int = 8
     mixed_precision: bool = True
     gradient_checkpointing: bool = False
+    shared_prefix: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +101,16 @@ class TrainingSettings:
             raise ValueError(f"contrastive_layer {self.contrastive_layer} is out of range for {n_layers} layers.")
         return index
 
+    @property
+    def shares_prefix(self) -> bool:
+        """RETURNS (bool): Whether training computes shared prefixes once."""
+        return (
+            self.shared_prefix
+            and self.answer_only_loss
+            and self.fgm_epsilon == 0
+            and not self.gradient_checkpointing
+        )
+
 
 @registry.misc("spacy_cllmfs.training.v1")
 def training_v1(
@@ -108,6 +125,7 @@ def training_v1(
     micro_batch_size: int = 8,
     mixed_precision: bool = True,
     gradient_checkpointing: bool = False,
+    shared_prefix: bool = True,
     seed: int = 0,
 ) -> TrainingSettings:
     """Registered training settings of `cllmfs_ner` (see `TrainingSettings`)."""
@@ -123,6 +141,7 @@ def training_v1(
         micro_batch_size=micro_batch_size,
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
+        shared_prefix=shared_prefix,
         seed=seed,
     )
 
@@ -216,10 +235,8 @@ class Batch:
 
 def collate(items: Sequence[TrainingItem], pad_id: int, device: torch.device, answer_only: bool) -> Batch:
     """Left-pad a micro-batch, so that all answers end at the last position."""
-    width = max(len(item.ids) for item in items)
-    n = len(items)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
+    input_ids, mask = batching.left_pad([item.ids for item in items], pad_id)
+    n, width = input_ids.shape
     targets: List[Optional[ContrastiveTargets]] = []
     answer_width = max(len(item.answer) for item in items)
     keep = 0 if not answer_only else answer_width + 1
@@ -228,8 +245,6 @@ def collate(items: Sequence[TrainingItem], pad_id: int, device: torch.device, an
     for row, item in enumerate(items):
         ids = item.ids
         offset = width - len(ids)
-        input_ids[row, offset:] = torch.tensor(ids)
-        mask[row, offset:] = 1
         # position t predicts token t + 1: shift the ids left by one
         predicted = torch.tensor(ids[1:] + [IGNORE_INDEX])
         if answer_only:
@@ -247,7 +262,7 @@ def collate(items: Sequence[TrainingItem], pad_id: int, device: torch.device, an
                 negatives=[p + offset for p in target.negatives],
             )
         )
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = batching.positions(mask)
     return Batch(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
@@ -256,6 +271,114 @@ def collate(items: Sequence[TrainingItem], pad_id: int, device: torch.device, an
         keep=keep,
         targets=targets,
     )
+
+
+@dataclass
+class SharedBatch:
+    """A micro-batch whose rows share prefixes: the prefixes (one row per group), and
+    per prompt its suffix and answer, the group it belongs to, and the LM labels.
+
+    mask covers prefix and rest columns; target positions index that same layout.
+    """
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    owner: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    keep: int
+    targets: List[Optional[ContrastiveTargets]]
+
+
+def collate_shared(groups: Sequence[Sequence[TrainingItem]], pad_id: int, device: torch.device) -> SharedBatch:
+    """Left-pad a micro-batch of groups (items with the same prefix) for the shared path:
+    prefixes in one tensor, suffix + answer of every item in another, so that all
+    answers end at the last position. Only the answer tokens are predicted."""
+    prefixes = [group[0].prompt.prefix for group in groups]
+    items = [item for group in groups for item in group]
+    rests = [item.prompt.suffix + item.answer for item in items]
+    prefix_ids, prefix_mask = batching.left_pad(prefixes, pad_id)
+    ids, rest_mask = batching.left_pad(rests, pad_id)
+    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    prefix_w, rest_w = prefix_ids.shape[1], ids.shape[1]
+    keep = max(len(item.answer) for item in items) + 1
+    labels = torch.full((len(items), keep), IGNORE_INDEX, dtype=torch.long)
+    targets: List[Optional[ContrastiveTargets]] = []
+    for row, (item, rest) in enumerate(zip(items, rests)):
+        answer = torch.tensor(item.answer)
+        labels[row, keep - 1 - len(item.answer) : keep - 1] = answer  # position t predicts t + 1
+        shared, n_prefix = item.prompt.shared_len, len(prefixes[int(owner[row])])
+
+        def place(p: int) -> int:
+            if p < shared:
+                return prefix_w - n_prefix + p
+            return prefix_w + rest_w - len(rest) + p - shared
+
+        target = item.targets
+        targets.append(
+            None
+            if target is None
+            else ContrastiveTargets(
+                anchor=[place(p) for p in target.anchor],
+                positives=[place(p) for p in target.positives],
+                negatives=[place(p) for p in target.negatives],
+            )
+        )
+    start = prefix_mask.sum(-1)[owner]
+    return SharedBatch(
+        prefix_ids=prefix_ids.to(device),
+        prefix_mask=prefix_mask.to(device),
+        owner=owner.to(device),
+        input_ids=ids.to(device),
+        attention_mask=torch.cat([prefix_mask[owner], rest_mask], dim=1).to(device),
+        position_ids=batching.positions(rest_mask, start).to(device),
+        labels=labels.to(device),
+        keep=keep,
+        targets=targets,
+    )
+
+
+def _forward(
+    model: Any, batch: Union[Batch, SharedBatch], hidden_layer: Optional[int]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The kept logits of a micro-batch and, if `hidden_layer` is set, that layer's
+    hidden states (for a shared batch: prefix and rest columns side by side)."""
+    want_hidden = hidden_layer is not None
+    if isinstance(batch, Batch):
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            output_hidden_states=want_hidden,
+            logits_to_keep=batch.keep,
+        )
+        return out.logits, out.hidden_states[hidden_layer] if want_hidden else None
+    prefix = model(
+        input_ids=batch.prefix_ids,
+        attention_mask=batch.prefix_mask,
+        position_ids=batching.positions(batch.prefix_mask),
+        use_cache=True,
+        output_hidden_states=want_hidden,
+        logits_to_keep=1,
+    )
+    cache = prefix.past_key_values if getattr(prefix, "cache", None) is None else prefix.cache
+    batching.select(cache, batch.owner)  # differentiable: gradients flow back to the prefix
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=True,
+        output_hidden_states=want_hidden,
+        logits_to_keep=batch.keep,
+        **{cache_kwarg(model): cache},
+    )
+    if not want_hidden:
+        return out.logits, None
+    hidden = torch.cat([prefix.hidden_states[hidden_layer][batch.owner], out.hidden_states[hidden_layer]], dim=1)
+    return out.logits, hidden
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -283,24 +406,17 @@ class Normalizers:
 
 
 def batch_loss(
-    model: Any, batch: Batch, settings: TrainingSettings, layer: int, norms: Normalizers
+    model: Any, batch: Union[Batch, SharedBatch], settings: TrainingSettings, layer: int, norms: Normalizers
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Forward a micro-batch and compute its share of LM loss + lambda * contrastive loss."""
     use_contrastive = settings.contrastive_weight > 0 and any(t is not None for t in batch.targets)
-    outputs = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        output_hidden_states=use_contrastive,
-        logits_to_keep=batch.keep,
-    )
-    loss_lm = lm_loss(outputs.logits, batch.labels, normalizer=norms.tokens)
+    logits, hidden = _forward(model, batch, layer if use_contrastive else None)
+    loss_lm = lm_loss(logits, batch.labels, normalizer=norms.tokens)
     parts = {"lm": float(loss_lm.detach())}
     loss = loss_lm
     if use_contrastive:
         loss_cl = contrastive_loss(
-            outputs.hidden_states[layer],
+            hidden,
             batch.targets,
             temperature=settings.temperature,
             kind=settings.contrastive_loss,
@@ -312,7 +428,7 @@ def batch_loss(
 
 
 def backward(
-    model: Any, batch: Batch, settings: TrainingSettings, layer: int, norms: Normalizers
+    model: Any, batch: Union[Batch, SharedBatch], settings: TrainingSettings, layer: int, norms: Normalizers
 ) -> Dict[str, float]:
     """Accumulate the gradients of one micro-batch (its share of the batch's loss),
     with an FGM adversarial pass on perturbed embeddings if `fgm_epsilon` > 0.
@@ -356,6 +472,63 @@ def micro_batches(items: Sequence[TrainingItem], size: int) -> Iterator[List[Tra
     order = sorted(range(len(items)), key=lambda i: (len(items[i].ids), i))
     for start in range(0, len(order), size):
         yield [items[i] for i in order[start : start + size]]
+
+
+def shared_micro_batches(items: Sequence[TrainingItem], size: int) -> Iterator[List[List[TrainingItem]]]:
+    """Group items by shared prefix, then pack groups of similar length into
+    micro-batches of at most `size` items (a larger group is cut into pieces)."""
+    by_prefix: Dict[Tuple[int, ...], List[TrainingItem]] = {}
+    for item in items:
+        by_prefix.setdefault(tuple(item.prompt.prefix), []).append(item)
+    groups = [g[i : i + size] for g in by_prefix.values() for i in range(0, len(g), size)]
+    groups.sort(key=lambda g: (len(g[0].prompt.prefix), max(len(i.ids) for i in g)))
+    batch: List[List[TrainingItem]] = []
+    rows = 0
+    for group in groups:
+        if batch and rows + len(group) > size:
+            yield batch
+            batch, rows = [], 0
+        batch.append(group)
+        rows += len(group)
+    if batch:
+        yield batch
+
+
+def accumulate(
+    model: Any,
+    items: Sequence[TrainingItem],
+    settings: TrainingSettings,
+    layer: int,
+    pad_id: int,
+    device: torch.device,
+    *,
+    train: bool,
+) -> Dict[str, float]:
+    """Run the items in micro-batches: with `train`, accumulate their gradients (the
+    losses normalized over all items, so that micro-batching does not change the
+    gradient); else compute the loss without gradients.
+
+    RETURNS (Dict[str, float]): The loss ("loss") and its parts, summed over micro-batches.
+    """
+    norms = Normalizers.of(items, settings)
+    batches: Iterator[Union[Batch, SharedBatch]]
+    if settings.shares_prefix:
+        chunks = shared_micro_batches(items, settings.micro_batch_size)
+        batches = (collate_shared(chunk, pad_id, device) for chunk in chunks)
+    else:
+        plain = micro_batches(items, settings.micro_batch_size)
+        batches = (collate(chunk, pad_id, device, settings.answer_only_loss) for chunk in plain)
+    totals: Dict[str, float] = {}
+    for batch in batches:
+        if train:
+            parts = backward(model, batch, settings, layer, norms)
+        else:
+            with torch.no_grad():
+                loss, parts = batch_loss(model, batch, settings, layer, norms)
+            parts["loss"] = float(loss)
+        for key, value in parts.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return totals
 
 
 class LoRAOptimizer:

@@ -2,15 +2,18 @@
 
 A window is a `Span` of the Doc, so the offsets of anything found in it map
 back to the Doc directly. Consecutive sentences share a window while they fit;
-a sentence longer than the budget is cut between tokens. Nothing is dropped.
+a sentence longer than the budget is cut between tokens, and a single token longer
+than the budget (a long URL, say) gets a window of its own. Nothing is dropped.
 The Doc is never modified: without sentence boundaries, a sentencizer's
 predictions are used, not set.
 """
+import logging
 from typing import Callable, List, Sequence
 
 from spacy.pipeline import Sentencizer
 from spacy.tokens import Doc, Span
 
+logger = logging.getLogger("spacy_cllmfs")
 _SENTENCIZER = Sentencizer()
 
 
@@ -65,12 +68,13 @@ def _split_long(tokens: range, token_counts: Sequence[int], max_tokens: int) -> 
     runs: List[range] = []
     start, used = tokens.start, 0
     for i in tokens:
-        if token_counts[i] > max_tokens:
-            raise ValueError(
-                f"Token {i} alone needs {token_counts[i]} model tokens, more than the window "
-                f"budget of {max_tokens}. Fix: raise `max_window_tokens`."
+        if token_counts[i] > max_tokens:  # e.g. a long URL: a window of its own, over budget
+            logger.warning(
+                "Token %d alone needs %d model tokens, more than the window budget of %d; it gets a "
+                "window of its own. Raise `max_window_tokens` if this happens often.",
+                i, token_counts[i], max_tokens,
             )
-        if used + token_counts[i] > max_tokens:
+        if used + token_counts[i] > max_tokens and i > start:
             runs.append(range(start, i))
             start, used = i, 0
         used += token_counts[i]

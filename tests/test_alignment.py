@@ -47,3 +47,10 @@ def test_resolve_overlaps_by_score():
     with pytest.raises(ValueError, match="Unknown overlap strategy"):
         resolve_overlaps(cands, "random")
 
+
+
+def test_case_insensitive_matches_keep_their_offsets():
+    # "İ".lower() is two characters: lower-casing the whole text would shift every offset after it
+    pieces = [" İİİ", " met", " paris", " Paris"]
+    assert locate(pieces, "PARIS").ranges == [(2, 3), (3, 4)]
+    assert locate([" İstanbul", " and", " Ankara"], "İSTANBUL") == locate([" İstanbul"], "İstanbul")

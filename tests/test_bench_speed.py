@@ -26,7 +26,7 @@ def test_speed_benchmark_runs_all_systems(speed, tiny_model_path: Path, tmp_path
     argv = [
         "--texts-file", str(texts_file), "--labels", "person,location", "--limit", "3",
         "--model", str(tiny_model_path), "--device", "cpu", "--threads", "1", "--batch-size", "4",
-        "--max-new-tokens", "8", "--peak-tflops", "1.0", "--output", str(output),
+        "--max-new-tokens", "8", "--peak-tflops", "1.0", "--output", str(output), "--repeats", "1",
     ]
     report = speed.main(argv)
     assert json.loads(output.read_text(encoding="utf8")) == json.loads(json.dumps(report))
@@ -52,6 +52,12 @@ def test_speed_benchmark_runs_all_systems(speed, tiny_model_path: Path, tmp_path
     assert systems["cllmfs_free"]["rows_computed"] <= systems["hf_batched"]["rows_computed"]
     assert report["environment"]["command"].startswith("python bench/speed.py --texts-file")
     assert "| cllmfs_pipe |" in report["table"]
+    # the shared prefix computes fewer prompt tokens and finds the same entities as whole prompts
+    assert systems["cllmfs_shared_label_first"]["prompt_tokens"] < systems["cllmfs_pipe"]["prompt_tokens"]
+    assert systems["cllmfs_shared_sentence_first"]["prompt_tokens"] < systems["cllmfs_pipe"]["prompt_tokens"]
+    assert report["entity_agreement_vs_cllmfs_pipe"]["cllmfs_shared_label_first"]["sentences_differing"] == 0
+    assert report["compute_floor"]["flops_per_token"] < 2 * report["environment"]["n_parameters"]
+    assert all(len(r["walls_s"]) == 1 for r in systems.values())
 
 
 def test_parse_args_needs_a_source(speed) -> None:
@@ -83,3 +89,28 @@ def test_readme_section_renders_speed_results(speed, tiny_model_path: Path, tmp_
     table.main_with(results, readme)
     written = readme.read_text(encoding="utf8")
     assert written.startswith("intro\n") and written.endswith("outro\n") and "old" not in written
+
+
+def test_speed_benchmark_times_training(speed, tiny_model_path: Path, tmp_path: Path) -> None:
+    sample = Path(__file__).parent / "fixtures" / "crossner_sample.txt"
+    domain = tmp_path / "data" / "politics"
+    domain.mkdir(parents=True)
+    for split in ("train", "test"):
+        (domain / f"{split}.txt").write_text(sample.read_text(encoding="utf8"), encoding="utf8")
+    report = speed.main([
+        "--data", str(tmp_path / "data"), "--domain", "politics", "--limit", "2", "--model", str(tiny_model_path),
+        "--device", "cpu", "--threads", "1", "--max-new-tokens", "4", "--peak-tflops", "1.0", "--repeats", "2",
+        "--systems", "cllmfs_pipe,cllmfs_shared_sentence_first", "--train-shots", "3",
+    ])
+    runs = report["training"]["runs"]
+    assert set(runs) == {"unshared_label_first", "shared_label_first", "shared_sentence_first"}
+    assert all(len(run["walls_s"]) == 2 and run["sentences_per_s"] > 0 for run in runs.values())
+    # same prompts and answers, computed with and without the shared prefix: same loss
+    assert runs["shared_label_first"]["losses"]["lm"] == pytest.approx(runs["unshared_label_first"]["losses"]["lm"], rel=1e-4)
+    assert "Training, `update()`" in speed_table_of(report)
+
+
+def speed_table_of(report):
+    from bench.table import speed_table
+
+    return speed_table(report)

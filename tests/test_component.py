@@ -4,6 +4,7 @@ from spacy.tokens import Span
 from spacy.training import Example
 
 from conftest import randomize_adapter
+from spacy_cllmfs.alignment import locate
 
 TEXTS = [
     "Barack Obama visited Paris.",
@@ -238,3 +239,51 @@ def test_spacy_evaluate_cli_on_a_saved_pipeline(tiny_nlp, tmp_path):
     direct = tiny_nlp.evaluate([Example(tiny_nlp.make_doc(d.text), d) for d in gold])
     assert metrics["ents_f"] == pytest.approx(direct["ents_f"])
     assert set(metrics["ents_per_type"]) == set(direct["ents_per_type"])
+
+
+def candidates(doc):
+    return sorted((s.start, s.end, s.label_, round(score, 4)) for s, score in zip(doc.spans["c"], doc.spans["c"].attrs["scores"]))
+
+
+@pytest.mark.parametrize("template", ["spacy_cllmfs.prompt.v1", "spacy_cllmfs.prompt.v2"])
+@pytest.mark.parametrize("constrained", [True, False])
+def test_shared_prefix_gives_the_same_entities_as_unshared(tiny_model_config, template, constrained):
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("cllmfs_ner", config={
+        "model": tiny_model_config, "labels": ["person", "location", "politicalparty"], "max_new_tokens": 24,
+        "prompt": {"@misc": template}, "candidates_key": "c", "constrained": constrained, "batch_size": 5})
+    randomize_adapter(ner, seed=1)
+    texts = TEXTS * 2
+    ner.shared_prefix = False
+    unshared = list(nlp.pipe(texts, batch_size=6))
+    unshared_tokens = ner.stats.prompt_tokens
+    ner.shared_prefix = True
+    ner.stats.prompt_tokens = 0
+    shared = list(nlp.pipe(texts, batch_size=6))
+    assert [ents(d) for d in shared] == [ents(d) for d in unshared]
+    assert [candidates(d) for d in shared] == [candidates(d) for d in unshared]
+    assert sum(len(d.spans["c"]) for d in shared) > 0 or not constrained  # free: junk answers
+    # each window's shared ids are computed once, then each label's own ids
+    tasks = ner.make_prompts([nlp.make_doc(t) for t in texts])
+    assert unshared_tokens == sum(len(p.ids) for task in tasks for p in task.prompts)
+    assert ner.stats.prompt_tokens == sum(
+        task.prompts[0].shared_len + sum(len(p.suffix) for p in task.prompts) for task in tasks)
+    if template.endswith("v2"):  # the sentence is part of the shared ids
+        assert all(t.prompts[0].shared_len > t.prompts[0].word_spans[-1][1] for t in tasks)
+
+
+def test_candidates_come_from_the_copied_positions(tiny_model_config):
+    """Constrained answers give their token positions: a repeated name is a candidate at
+    each occurrence, and the positions agree with searching the answer text."""
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("cllmfs_ner", config={
+        "model": tiny_model_config, "labels": ["person", "location"], "max_new_tokens": 24, "candidates_key": "c"})
+    randomize_adapter(ner, seed=2)
+    with_positions = [candidates(d) for d in nlp.pipe(TEXTS)]
+    assert sum(map(len, with_positions)) > 0
+    for doc, found in zip(nlp.pipe(TEXTS), with_positions):
+        for start, end, label, _ in found:
+            assert 0 <= start < end <= len(doc)
+            # the positions agree with searching the window's text for the copied text
+            pieces = ner.builder.word_pieces(doc[:])
+            assert (start, end) in locate(pieces, doc[start:end].text).ranges

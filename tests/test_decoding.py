@@ -103,3 +103,41 @@ def test_argument_errors(setup):
         generate(model, [prompts[0].ids], end_id=1, pad_id=0, constraints=[])
     with pytest.raises(ValueError, match=">= 1"):
         generate(model, [prompts[0].ids], end_id=1, pad_id=0, batch_size=0)
+
+
+def groups_of(prompts, n_labels):
+    """Split each sentence's prompts at their shared prefix."""
+    from spacy_cllmfs.decoding import PromptGroup
+
+    groups = []
+    for i in range(0, len(prompts), n_labels):
+        chunk = prompts[i : i + n_labels]
+        shared = chunk[0].shared_len
+        assert all(p.ids[:shared] == chunk[0].ids[:shared] for p in chunk)
+        groups.append(PromptGroup(chunk[0].ids[:shared], [p.ids[shared:] for p in chunk]))
+    return groups
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+@pytest.mark.parametrize("max_rows,max_tokens,refill", [(64, None, False), (3, None, True), (5, 60, True), (2, 1, False)])
+def test_shared_prefix_equals_unshared(setup, constrained, max_rows, max_tokens, refill):
+    from spacy_cllmfs.decoding import generate_groups
+
+    model, tokenizer, builder, prompts, _ = setup
+    fmt = builder.format
+    unshared = run(setup, constrained, max_new_tokens=16, batch_size=4)
+    stats = DecodingStats()
+    shared = generate_groups(
+        model, groups_of(prompts, len(LABELS)), end_id=fmt.end_id, pad_id=tokenizer.pad_token_id,
+        max_new_tokens=16, max_rows=max_rows, max_tokens=max_tokens, refill=refill, stats=stats,
+        constraints=[CopyConstraint(p, fmt) for p in prompts] if constrained else None,
+    )
+    assert [g.ids for g in shared] == [g.ids for g in unshared]
+    assert [g.finished for g in shared] == [g.finished for g in unshared]
+    for a, b in zip(shared, unshared):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    # the prefix is computed once per sentence, not once per label
+    assert stats.prompt_tokens == sum(len(p.ids) for p in prompts) - sum(
+        p.shared_len for p in prompts[1::2]
+    )
+    assert stats.prompt_tokens_read == sum(len(p.ids) for p in prompts)

@@ -79,3 +79,20 @@ def test_few_shot_training_on_cpu_lowers_the_loss():
     assert after < 0.6 * before, (before, after, history)
     found = [(e.text, e.label_) for e in nlp("Barack Obama gave a speech in Chicago.").ents]
     assert all(label in ("location", "person") for _, label in found)
+
+
+@pytest.mark.parametrize("template", ["spacy_cllmfs.prompt.v1", "spacy_cllmfs.prompt.v2"])
+def test_shared_prefix_gives_the_same_entities_as_whole_prompts(template):
+    """SmolLM2 with a small random adapter: each window's shared prefix computed once and
+    batches refilled gives the entities of computing every prompt whole."""
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("cllmfs_ner", config={
+        "labels": LABELS, "model": {"device": "cpu"}, "max_new_tokens": 24, "candidates_key": "cands",
+        "prompt": {"@misc": template}, "batch_size": 8})
+    randomize_adapter(ner, seed=4, scale=0.02)
+    ner.shared_prefix = False
+    expected = [ents(d) for d in nlp.pipe(TEXTS)]
+    whole = ner.stats.prompt_tokens
+    ner.shared_prefix = True
+    assert [ents(d) for d in nlp.pipe(TEXTS)] == expected
+    assert ner.stats.prompt_tokens - whole < whole

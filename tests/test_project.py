@@ -42,6 +42,11 @@ def test_project_workflow_all(project_dir, tiny_model_path):
     packages = list((project_dir / "packages").rglob("*.tar.gz"))
     assert packages, result.stdout[-2000:]
     assert "E    #" in result.stdout  # spaCy's training table
+    result = run_project(project_dir, tiny_model_path, "annotate")  # the test split, with model-best
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    from spacy_cllmfs.annotate import iter_records
+
+    assert len(list(iter_records(project_dir / "annotations" / "mini-k1-s0"))) == 12
 
 
 def test_train_resumes_an_interrupted_run(project_dir, tiny_model_path):

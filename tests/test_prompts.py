@@ -3,7 +3,7 @@ import spacy
 from transformers import AutoTokenizer
 
 from spacy_cllmfs.labels import LabelInfo, default_description, default_name, label_infos
-from spacy_cllmfs.prompts import PromptBuilder, PromptTemplate, prompt_v1
+from spacy_cllmfs.prompts import PromptBuilder, PromptTemplate, prompt_v1, prompt_v2
 
 PERSON = LabelInfo("person", "person", "names of people")
 LOCATION = LabelInfo("LOC", "location", "names of places")
@@ -134,3 +134,58 @@ def test_label_names_and_descriptions():
         label_infos(["person", "person"])
     with pytest.raises(ValueError, match="non-empty"):
         label_infos(["person", " "])
+
+
+def build_metaspace_tokenizer(prepend_scheme: str = "always"):
+    """A tiny SentencePiece-style tokenizer: Metaspace pre-tokenizer with a dummy prefix."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from spacy_cllmfs.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, TRAINING_TEXT
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+    alphabet = sorted(set("".join(TRAINING_TEXT) + "\n▁😀üZ"))
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS + ["<unk>"], initial_alphabet=alphabet)
+    tok.train_from_iterator(TRAINING_TEXT * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("prepend_scheme", ["always", "first"])
+@pytest.mark.parametrize("make_template", [prompt_v1, prompt_v2])
+def test_sentencepiece_prompts_read_as_one_text(nlp, prepend_scheme, make_template):
+    tokenizer = build_metaspace_tokenizer(prepend_scheme)
+    # the naive way is wrong for this tokenizer: a piece alone gets an extra space marker
+    naive = [i for piece in ("Paris", ".") for i in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+    assert naive != tokenizer("Paris.", add_special_tokens=False)["input_ids"]
+    template = make_template()
+    builder = PromptBuilder(template, tokenizer)
+    doc = nlp("Barack Obama visited Paris, (Zürich).")
+    prompt = builder.build(builder.word_pieces(doc[:]), [PERSON])[0]
+    user = template.instruction.format(label="person", description="names of people", sentence=doc.text)
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": template.answer_prefix}]
+    if template.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": template.system_prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = text[: text.index(template.answer_prefix) + len(template.answer_prefix)]
+    assert prompt.ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    for token, (start, end) in zip(doc, prompt.word_spans):
+        assert tokenizer.decode(prompt.ids[start:end]).strip() == token.text
+
+
+def test_sentence_first_template_shares_the_sentence(builder, tokenizer, nlp):
+    v2 = PromptBuilder(prompt_v2(), tokenizer)
+    doc = nlp("Angela Merkel met Marie Curie.")
+    person, location = v2.build(v2.word_pieces(doc[:]), [PERSON, LOCATION])
+    assert person.prefix == location.prefix and person.suffix != location.suffix
+    assert person.shared_len > person.word_spans[-1][1]  # the whole sentence is shared
+    text = v2.decode(person.ids)
+    assert "Input sentence: Angela Merkel met Marie Curie.\nPlease extract the entity of person" in text
+    assert "<|im_start|>system\n<|im_end|>" in text  # the empty system message
+    old = builder.build(builder.word_pieces(doc[:]), [PERSON])[0]
+    assert len(person.suffix) < len(old.ids) - old.shared_len

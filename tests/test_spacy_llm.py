@@ -215,10 +215,24 @@ def test_one_response_per_prompt_in_order(lm):
 
 
 def test_batches_are_real(lm):
-    model = SpacyLLMModel(lm, max_new_tokens=2, batch_size=2)
+    model = SpacyLLMModel(lm, max_new_tokens=2, batch_size=2, shared_prefix=False)
     model([PROMPTS[:3], PROMPTS[3:]])
     assert model.stats.prompt_tokens == sum(len(model.encode(p)) for p in PROMPTS)
     assert model.stats.forward_passes <= 2 * 2  # 2 batches of 4 prompts, at most 2 steps each
+
+
+def test_shared_prefix_is_computed_once_per_batch(lm):
+    prompts = [f"Find the people and places in the text below.\nText: {p}" for p in PROMPTS]
+    plain = SpacyLLMModel(lm, max_new_tokens=6, batch_size=8, shared_prefix=False)
+    shared = SpacyLLMModel(lm, max_new_tokens=6, batch_size=8)
+    assert shared.generate(prompts) == plain.generate(prompts)
+    encoded = [shared.encode(p) for p in prompts]
+    common = 0
+    while all(ids[common] == encoded[0][common] for ids in encoded):
+        common += 1
+    assert common > 10
+    assert shared.stats.prompt_tokens_read == sum(map(len, encoded))
+    assert shared.stats.prompt_tokens == sum(map(len, encoded)) - (len(encoded) - 1) * common
 
 
 def test_empty_calls_load_nothing(tiny_model_path):

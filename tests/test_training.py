@@ -237,3 +237,41 @@ def test_spacy_train_end_to_end(tiny_model_path, tmp_path):
     loaded = spacy.load(tmp_path / "out" / "model-last")
     assert loaded.get_pipe("cllmfs_ner").labels == ("location", "person")
     assert loaded("Barack Obama visited Paris .") is not None
+
+
+@pytest.mark.parametrize("template", ["spacy_cllmfs.prompt.v1", "spacy_cllmfs.prompt.v2"])
+@pytest.mark.parametrize("contrastive_weight", [0.0, 0.5])
+def test_shared_prefix_training_equals_unshared(tiny_model_config, template, contrastive_weight):
+    """Loss, its parts and the LoRA gradients do not depend on computing each window's
+    shared prefix once (with gradients through it) or every prompt whole."""
+    results = []
+    for shared in (False, True):
+        nlp = spacy.blank("en")
+        settings = {"@misc": "spacy_cllmfs.training.v1", "micro_batch_size": 5, "shared_prefix": shared,
+                    "contrastive_weight": contrastive_weight}
+        nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config, "training": settings,
+                                           "prompt": {"@misc": template}, "max_new_tokens": 16})
+        examples = make_examples(nlp)
+        nlp.initialize(lambda: examples)
+        ner = nlp.get_pipe("cllmfs_ner")
+        assert ner.training.shares_prefix == shared
+        randomize_adapter(ner, scale=0.1)
+        nlp.update(examples, sgd=False)
+        grad = torch.cat([p.grad.flatten() for p in ner.model.trainable_parameters()])
+        results.append((dict(ner.last_losses), grad, ner.get_loss(examples)[1]))
+    (losses_a, grad_a, eval_a), (losses_b, grad_b, eval_b) = results
+    assert losses_b.keys() == losses_a.keys() and eval_b.keys() == eval_a.keys()
+    for key in losses_a:
+        assert losses_b[key] == pytest.approx(losses_a[key], rel=1e-4, abs=1e-6)
+        assert eval_b[key] == pytest.approx(eval_a[key], rel=1e-4, abs=1e-6)
+    if contrastive_weight:
+        assert losses_a["contrastive"] > 0
+    assert grad_a.abs().sum() > 0
+    assert torch.allclose(grad_b, grad_a, rtol=1e-3, atol=1e-6)
+
+
+def test_shared_prefix_falls_back_where_it_cannot_apply():
+    assert TrainingSettings().shares_prefix
+    for settings in ({"fgm_epsilon": 0.1}, {"answer_only_loss": False}, {"gradient_checkpointing": True},
+                     {"shared_prefix": False}):
+        assert not TrainingSettings(**settings).shares_prefix

@@ -50,5 +50,14 @@ def test_errors(nlp):
     doc = nlp("a b")
     with pytest.raises(ValueError, match="token counts"):
         make_windows(doc, [1], 5)
-    with pytest.raises(ValueError, match="max_window_tokens"):
-        make_windows(doc, [1, 10], 5)
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        make_windows(doc, [1, 1], 0)
+
+
+def test_a_token_longer_than_the_budget_gets_its_own_window(nlp, caplog):
+    doc = nlp("a b https://example.com/a/very/long/path c d")
+    counts = [1, 1, 12, 1, 1]
+    with caplog.at_level("WARNING", logger="spacy_cllmfs"):
+        windows = make_windows(doc, counts, 3)
+    assert [w.text for w in windows] == ["a b", "https://example.com/a/very/long/path", "c d"]
+    assert "Raise `max_window_tokens`" in caplog.text

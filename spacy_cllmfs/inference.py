@@ -1,0 +1,263 @@
+"""The one inference path, used by the component and by the spacy-llm model:
+docs -> sentence windows -> prompts -> shared-prefix batches -> decoding -> candidates.
+
+Each window gives one prompt per label. The ids that all labels of a window
+share (`Prompt.shared_len`: the chat header, and with the sentence-first
+template the sentence itself) form one `PromptGroup`, so their KV cache is
+computed once per window, not once per label. With constrained decoding the
+copy automaton records which words of the window each answer span copied, so
+candidates come straight from those positions; free decoding (the ablation)
+parses the answer text and searches the window for it.
+"""
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+from spacy.tokens import Doc, Span
+
+from .alignment import Candidate, locate
+from .constraints import CopyConstraint
+from .decoding import DecodingStats, Generation, PromptGroup, generate, generate_groups
+from .labels import LabelInfo
+from .prompts import AnswerFormat, Prompt, PromptBuilder
+from .windows import make_windows
+
+logger = logging.getLogger("spacy_cllmfs")
+
+WINDOW_MARGIN = 8  # model tokens kept free in each window for tokenization drift
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How prompts are decoded.
+
+    batch_size (int): The most prompts in flight at once.
+    max_new_tokens (int): Longest answer, in model tokens.
+    constrained (bool): Only allow answers that copy spans of the input.
+    ordered_spans (bool): With `constrained`, spans must come in sentence order.
+    shared_prefix (bool): Compute the ids shared by a window's prompts once (else every
+        prompt is computed whole, in fixed batches: the path before prefix sharing).
+    max_batch_tokens (int): The most prompt tokens prefilled in one forward pass.
+    refill (bool): Let waiting prompts join the batch as others finish.
+    """
+
+    batch_size: int = 32
+    max_new_tokens: int = 128
+    constrained: bool = True
+    ordered_spans: bool = True
+    shared_prefix: bool = True
+    max_batch_tokens: int = 8192
+    refill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "max_batch_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"cllmfs_ner: `{name}` must be an integer >= 1, got {value!r}.")
+
+
+@dataclass
+class WindowPrompts:
+    """The prompts of one sentence window: one per label, in label order."""
+
+    doc_index: int
+    window: Span
+    pieces: List[str]
+    prompts: List[Prompt]
+
+
+def window_budget(
+    builder: PromptBuilder,
+    labels: Sequence[LabelInfo],
+    context_length: int,
+    max_window_tokens: int,
+    max_new_tokens: int,
+) -> int:
+    """RETURNS (int): The most model tokens a sentence window may take.
+
+    RAISES (ValueError): If the prompt and answer leave no room for a sentence.
+    """
+    overhead = max(builder.overhead(info) for info in labels)
+    room = context_length - overhead - max_new_tokens - WINDOW_MARGIN
+    budget = min(max_window_tokens, room) - WINDOW_MARGIN
+    if budget < 1:
+        raise ValueError(
+            f"The model's context ({context_length} tokens) leaves no room for the sentence "
+            f"after the prompt ({overhead} tokens) and answer ({max_new_tokens}). Fix: lower "
+            "`max_new_tokens` or shorten descriptions."
+        )
+    return budget
+
+
+def doc_windows(doc: Doc, builder: PromptBuilder, budget: int) -> List[Span]:
+    """Split a Doc into sentence windows of at most `budget` model tokens."""
+    pieces = builder.word_pieces(doc[:])
+    counts = [len(ids) for ids in builder.encode_words(pieces)]
+    return make_windows(doc, counts, budget)
+
+
+def make_prompts(
+    docs: Sequence[Doc], builder: PromptBuilder, labels: Sequence[LabelInfo], budget: int
+) -> List[WindowPrompts]:
+    """Build one prompt per (window, label) for a batch of docs."""
+    tasks: List[WindowPrompts] = []
+    for i, doc in enumerate(docs):
+        for window in doc_windows(doc, builder, budget):
+            pieces = builder.word_pieces(window)
+            tasks.append(WindowPrompts(i, window, pieces, builder.build(pieces, labels)))
+    return tasks
+
+
+def decode(
+    model: Any,
+    tasks: Sequence[WindowPrompts],
+    fmt: AnswerFormat,
+    settings: DecodingSettings,
+    pad_id: int,
+    stats: Optional[DecodingStats] = None,
+) -> Tuple[List[Generation], List[Optional[CopyConstraint]]]:
+    """Decode every prompt of `tasks`.
+
+    RETURNS (Tuple[List[Generation], List[Optional[CopyConstraint]]]): Per prompt, in
+        task and label order, its generation and its constraint (None if unconstrained).
+    """
+    prompts = [p for task in tasks for p in task.prompts]
+    constraints: List[Optional[CopyConstraint]] = [None] * len(prompts)
+    if settings.constrained:
+        constraints = [CopyConstraint(p, fmt, settings.ordered_spans) for p in prompts]
+    common = dict(
+        end_id=fmt.end_id,
+        pad_id=pad_id,
+        max_new_tokens=settings.max_new_tokens,
+        constraints=constraints if settings.constrained else None,
+        stats=stats,
+    )
+    if not settings.shared_prefix:
+        generations = generate(model, [p.ids for p in prompts], batch_size=settings.batch_size, **common)
+    else:
+        groups = [
+            PromptGroup(task.prompts[0].prefix, [p.suffix for p in task.prompts]) for task in tasks if task.prompts
+        ]
+        generations = generate_groups(
+            model,
+            groups,
+            max_rows=settings.batch_size,
+            max_tokens=settings.max_batch_tokens,
+            refill=settings.refill,
+            **common,
+        )
+    return generations, constraints
+
+
+def find_candidates(
+    docs: Sequence[Doc],
+    model: Any,
+    builder: PromptBuilder,
+    labels: Sequence[LabelInfo],
+    settings: DecodingSettings,
+    *,
+    budget: int,
+    pad_id: int,
+    stats: Optional[DecodingStats] = None,
+) -> List[List[Candidate]]:
+    """Find entity candidates (all labels, overlaps included) in a batch of docs.
+
+    model: The causal LM, ready for inference.
+    budget (int): The most model tokens of a sentence window (see `window_budget`).
+    RETURNS (List[List[Candidate]]): Per doc, its candidates, with Doc token offsets.
+    """
+    candidates: List[List[Candidate]] = [[] for _ in docs]
+    tasks = make_prompts(docs, builder, labels, budget)
+    if not tasks:
+        return candidates
+    fmt = builder.format
+    generations, constraints = decode(model, tasks, fmt, settings, pad_id, stats)
+    unfinished = expanded = unmatched = 0
+    row = 0
+    for task in tasks:
+        found = candidates[task.doc_index]
+        for prompt in task.prompts:
+            generation, constraint = generations[row], constraints[row]
+            row += 1
+            unfinished += not generation.finished
+            if constraint is not None:
+                for span in constraint.copied:
+                    score = _mean_prob(generation.logprobs[span.first : span.close + 1])
+                    for start, end in span.words:
+                        found.append(Candidate(task.window.start + start, task.window.start + end, prompt.label, score))
+                continue
+            for answer in fmt.parse_text(builder.decode(generation.ids), _mean_prob(generation.logprobs)):
+                located = locate(task.pieces, answer.text)
+                expanded += located.expanded
+                unmatched += not located.ranges
+                for start, end in located.ranges:
+                    found.append(
+                        Candidate(task.window.start + start, task.window.start + end, prompt.label, answer.score)
+                    )
+    if unfinished:
+        logger.warning(
+            "%d of %d answers hit max_new_tokens=%d before ending; their last span was left "
+            "out. Raise `max_new_tokens` if this happens often.",
+            unfinished, row, settings.max_new_tokens,
+        )
+    if expanded or unmatched:
+        logger.info(
+            "%d answer spans were expanded to token boundaries, %d not found in their sentence.",
+            expanded, unmatched,
+        )
+    return candidates
+
+
+def common_prefix_groups(prompts: Sequence[Sequence[int]]) -> List[PromptGroup]:
+    """Group prompts that start alike (spacy-llm's prompts repeat the task text and the
+    few-shot examples): one group per run of prompts sharing their longest common prefix.
+    Every suffix keeps at least one token.
+    """
+    if not prompts:
+        return []
+    shared = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for other in prompts[1:]:
+        n = 0
+        while n < shared and other[n] == first[n]:
+            n += 1
+        shared = n
+    shared = max(shared, 0)
+    return [PromptGroup(list(first[:shared]), [list(p[shared:]) for p in prompts])]
+
+
+def generate_texts(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    end_id: int,
+    pad_id: int,
+    settings: DecodingSettings,
+    stats: Optional[DecodingStats] = None,
+) -> List[Generation]:
+    """Free greedy decoding of token id prompts (spacy-llm), with their common prefix
+    computed once if `settings.shared_prefix`.
+
+    RETURNS (List[Generation]): One per prompt, in order.
+    """
+    if not settings.shared_prefix:
+        return generate(
+            model, prompts, end_id=end_id, pad_id=pad_id, max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size, stats=stats,
+        )
+    return generate_groups(
+        model,
+        common_prefix_groups(prompts),
+        end_id=end_id,
+        pad_id=pad_id,
+        max_new_tokens=settings.max_new_tokens,
+        max_rows=settings.batch_size,
+        max_tokens=settings.max_batch_tokens,
+        refill=settings.refill,
+        stats=stats,
+    )
+
+
+def _mean_prob(logprobs: Sequence[float]) -> float:
+    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 1.0
