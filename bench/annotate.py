@@ -108,10 +108,16 @@ def tree_rss(pid: int) -> Optional[float]:
     return total / 2**20
 
 
-def run_sampled(command: List[str], sample_s: float = 1.0, stop: Any = None) -> Dict[str, Any]:
-    """Run a command, sampling its process tree's RSS; `stop(elapsed)` may end it early."""
+def run_sampled(command: List[str], log: Path, sample_s: float = 1.0, stop: Any = None) -> Dict[str, Any]:
+    """Run a command, sampling its process tree's RSS; `stop(elapsed)` may end it early.
+    Its output goes to `log` (a pipe that nobody reads would block it once full)."""
     begin = time.time()
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return _sample(proc, begin, log, sample_s, stop)
+
+
+def _sample(proc: Any, begin: float, log: Path, sample_s: float, stop: Any) -> Dict[str, Any]:
     samples: List[List[float]] = []
     killed = False
     while proc.poll() is None:
@@ -123,17 +129,24 @@ def run_sampled(command: List[str], sample_s: float = 1.0, stop: Any = None) -> 
             killed = True
             break
         time.sleep(sample_s)
-    stdout, stderr = proc.communicate()
+    proc.wait()
     wall = time.time() - begin
+    output = log.read_text(encoding="utf8", errors="replace")
     if proc.returncode != 0 and not killed:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
+        raise RuntimeError(f"{' '.join(proc.args)} failed:\n{output[-3000:]}")
+    last = [line for line in output.splitlines() if " docs in " in line]
     return {
         "wall_s": round(wall, 1),
         "peak_rss_mib": max((s[1] for s in samples), default=None),
         "rss_mib_over_time": thin(samples, 120),
-        "stdout_tail": stdout.decode()[-300:].strip(),
+        "summary_line": last[-1] if last else None,
         "killed": killed,
     }
+
+
+def relative(text: str) -> str:
+    """Paths inside the checkout, relative to it (results hold no machine's paths)."""
+    return text.replace(str(ROOT) + "/", "")
 
 
 def thin(samples: List[List[float]], n: int) -> List[List[float]]:
@@ -173,6 +186,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "annotate-cpu.json")
     parser.add_argument("--busy-load", type=float, default=1.5, help="Wait while the 1-min load is above this.")
     parser.add_argument("--max-wait", type=float, default=900, help="Seconds to wait for a quiet machine.")
+    parser.add_argument("--note", default=None, help="A remark to keep in the results (e.g. on the load).")
     parser.add_argument("--plain-loop", nargs=3, metavar=("PIPELINE", "CORPUS", "OUTPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,6 +202,8 @@ def main() -> None:
     readable = write_corpus(corpus, args.lines)
     quiet = wait_for_quiet(args.busy_load, args.max_wait)
     result: Dict[str, Any] = {**machine_info(), **quiet}
+    if args.note:
+        result["note"] = args.note
     cores = result["cores"] or 1
     result["settings"] = {
         "lines": args.lines, "readable_lines": readable, "shard_size": args.shard_size,
@@ -201,8 +217,10 @@ def main() -> None:
 
     def record(name: str, command: List[str], threads: int, workers: int, **extra: Any) -> Dict[str, Any]:
         print(f"bench: {name}: {' '.join(command)}", file=sys.stderr)
-        measured = run_sampled(command, **extra)
-        measured.update(command=" ".join(["python"] + command[1:]), workers=workers,
+        measured = run_sampled(command, work / f"{name}.log", **extra)
+        if measured["summary_line"]:
+            measured["summary_line"] = relative(measured["summary_line"])
+        measured.update(command=relative(" ".join(["python"] + command[1:])), workers=workers,
                         torch_threads_per_worker=threads, load_average_1min_after=os.getloadavg()[0])
         if not measured["killed"]:
             measured["docs_per_s"] = round(readable / measured["wall_s"], 1)

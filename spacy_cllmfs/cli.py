@@ -174,7 +174,8 @@ def annotate_cli(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (docs/s, ETA)."),
 ) -> None:
     """Annotate a corpus into shards; run the same command again to resume a killed run."""
-    from .annotate import annotate, annotate_ray, quiet_loading
+    from .annotate import annotate, quiet_loading
+    from .annotate_ray import annotate_ray
 
     quiet_loading()  # no weight-loading bar through the progress bar
     shared: Dict[str, Any] = dict(

@@ -64,6 +64,15 @@ DEFAULT_CONFIG = Config().from_str(DEFAULT_CONFIG_STR)
 DEFAULT_DECODING = DecodingSettings()
 
 
+def _decoding_setting(name: str) -> property:
+    """A component attribute that reads, and sets (validated), one `DecodingSettings` field."""
+
+    def set_value(self: "CLLMFSNer", value: Any) -> None:
+        self.decoding = dataclasses.replace(self.decoding, **{name: value})
+
+    return property(lambda self: getattr(self.decoding, name), set_value)
+
+
 @Language.factory(
     "cllmfs_ner",
     assigns=["doc.ents", "token.ent_iob", "token.ent_type"],
@@ -176,13 +185,13 @@ class CLLMFSNer(TrainablePipe):
         labels: Sequence[str] = (),
         label_descriptions: Optional[Dict[str, str]] = None,
         label_names: Optional[Dict[str, str]] = None,
-        batch_size: int = 32,
-        max_new_tokens: int = 128,
-        constrained: bool = True,
-        ordered_spans: bool = True,
-        shared_prefix: bool = True,
+        batch_size: int = DEFAULT_DECODING.batch_size,
+        max_new_tokens: int = DEFAULT_DECODING.max_new_tokens,
+        constrained: bool = DEFAULT_DECODING.constrained,
+        ordered_spans: bool = DEFAULT_DECODING.ordered_spans,
+        shared_prefix: bool = DEFAULT_DECODING.shared_prefix,
         max_batch_tokens: int = DEFAULT_DECODING.max_batch_tokens,
-        refill: bool = True,
+        refill: bool = DEFAULT_DECODING.refill,
         max_window_tokens: int = 256,
         overwrite_ents: bool = False,
         overlap: str = "longest",
@@ -222,19 +231,14 @@ class CLLMFSNer(TrainablePipe):
         self._builder: Optional[PromptBuilder] = None
         self._budget: Optional[Tuple[tuple, int]] = None
 
-    # -- decoding settings (views of `self.decoding`, settable) -----------------
+    # -- decoding settings: views of `self.decoding`, settable --------------------
 
-    def _set_decoding(self, **changes: Any) -> None:
-        self.decoding = dataclasses.replace(self.decoding, **changes)
-
-    batch_size = property(lambda self: self.decoding.batch_size, lambda self, v: self._set_decoding(batch_size=v))
-    max_new_tokens = property(
-        lambda self: self.decoding.max_new_tokens, lambda self, v: self._set_decoding(max_new_tokens=v)
-    )
-    constrained = property(lambda self: self.decoding.constrained, lambda self, v: self._set_decoding(constrained=v))
-    shared_prefix = property(
-        lambda self: self.decoding.shared_prefix, lambda self, v: self._set_decoding(shared_prefix=v)
-    )
+    batch_size = _decoding_setting("batch_size")
+    max_new_tokens = _decoding_setting("max_new_tokens")
+    constrained = _decoding_setting("constrained")
+    ordered_spans = _decoding_setting("ordered_spans")
+    shared_prefix = _decoding_setting("shared_prefix")
+    refill = _decoding_setting("refill")
 
     # -- labels -----------------------------------------------------------------
 

@@ -151,7 +151,8 @@ def generate_groups(
     max_tokens (Optional[int]): The most prompt tokens prefilled in one forward pass
         (prefix tokens count once, padding included); None for no limit. A group
         larger than the budget is still prefilled, alone.
-    refill (bool): Admit waiting groups while others decode (else: fixed batches).
+    refill (bool): Admit waiting groups while others decode (else: fixed batches). Only
+        for caches of plain growing tensors (`batching.can_merge`); others get fixed batches.
     constraints (Optional[Sequence[Constraint]]): One per prompt, in the order of
         the groups' suffixes, or None for free decoding.
     RETURNS (List[Generation]): One per prompt, in the order of the groups' suffixes.
@@ -180,12 +181,14 @@ def generate_groups(
     while pending or running is not None:
         room = max_rows - (len(running.rows) if running is not None else 0)
         if pending and (running is None or (refill and room >= max(1, max_rows // 2))):
-            admitted = _admit(groups, pending, room if running is not None else max_rows, max_tokens)
-            fresh = decoder.prefill([groups[g] for g in admitted], [first_row[g] for g in admitted])
-            running = fresh if running is None else decoder.merge(running, fresh)
-            if running is not fresh and not batching.can_merge(running.cache):
-                raise RuntimeError("This model's KV cache cannot take rows in flight; use refill=False.")
-        running = decoder.step(running)
+            admitted = _admit(groups, pending, room, max_tokens, must_take=running is None)
+            if admitted:
+                fresh = decoder.prefill([groups[g] for g in admitted], [first_row[g] for g in admitted])
+                running = fresh if running is None else decoder.merge(running, fresh)
+                # sliding-window and other special caches cannot take rows in flight
+                refill = refill and batching.can_merge(running.cache)
+        if running is not None:
+            running = decoder.step(running)
     return decoder.results(n_rows)
 
 
@@ -193,8 +196,12 @@ def _width(group: PromptGroup) -> int:
     return len(group.prefix) + max((len(s) for s in group.suffixes), default=0)
 
 
-def _admit(groups: Sequence[PromptGroup], pending: Deque[int], rows: int, max_tokens: Optional[int]) -> List[int]:
-    """Take groups off `pending` while their rows and padded prefill tokens fit."""
+def _admit(
+    groups: Sequence[PromptGroup], pending: Deque[int], rows: int, max_tokens: Optional[int], must_take: bool
+) -> List[int]:
+    """Take groups off `pending` while their rows fit in `rows` and their padded prefill
+    fits `max_tokens`. With `must_take` (nothing is running) the first group is taken
+    even if it alone exceeds the token budget."""
     admitted: List[int] = []
     n_rows = prefix_w = suffix_w = 0
     while pending:
@@ -204,7 +211,7 @@ def _admit(groups: Sequence[PromptGroup], pending: Deque[int], rows: int, max_to
         new_suffix_w = max(suffix_w, max(len(s) for s in group.suffixes))
         tokens = (len(admitted) + 1) * new_prefix_w + new_rows * new_suffix_w
         over = new_rows > rows or (max_tokens is not None and tokens > max_tokens)
-        if admitted and over:
+        if over and (admitted or not must_take):
             break
         admitted.append(pending.popleft())
         n_rows, prefix_w, suffix_w = new_rows, new_prefix_w, new_suffix_w
@@ -258,7 +265,7 @@ class _Decoder:
                 position_ids=batching.positions(prefix_mask),
                 logits_to_keep=1,
             )
-            cache = _get_cache(out)
+            cache = cache_of(out)
             batching.select(cache, owner)
             self.stats.prompt_tokens += int(prefix_mask.sum())
         suffixes = [s for g in groups for s in g.suffixes]
@@ -281,7 +288,7 @@ class _Decoder:
             self.generated[row], self.logprobs[row], self.finished[row] = [], [], False
         return _Running(
             rows=rows,
-            cache=_get_cache(out),
+            cache=cache_of(out),
             mask=mask,
             last_pos=start + suffix_mask.sum(-1) - 1,
             logits=out.logits[:, -1, :],
@@ -347,7 +354,7 @@ class _Decoder:
             cache=run.cache,
         )
         self.stats.row_steps += len(run.rows)
-        run.cache = _get_cache(out)
+        run.cache = cache_of(out)
         run.logits = out.logits[:, -1, :]
         return run
 
@@ -384,6 +391,7 @@ def cache_kwarg(model: Any) -> str:
     return _CACHE_KWARGS[cls]
 
 
-def _get_cache(outputs: Any) -> Any:
+def cache_of(outputs: Any) -> Any:
+    """The KV cache of a forward pass's outputs (`cache` or `past_key_values`)."""
     cache = getattr(outputs, "cache", None)
     return cache if cache is not None else outputs.past_key_values

@@ -22,7 +22,7 @@ from spacy.training import Example
 from spacy.util import registry
 
 from . import batching
-from .decoding import cache_kwarg
+from .decoding import cache_kwarg, cache_of
 from .labels import LabelInfo
 from .losses import (
     CONTRASTIVE_LOSSES,
@@ -364,7 +364,7 @@ def _forward(
         output_hidden_states=want_hidden,
         logits_to_keep=1,
     )
-    cache = prefix.past_key_values if getattr(prefix, "cache", None) is None else prefix.cache
+    cache = cache_of(prefix)
     batching.select(cache, batch.owner)  # differentiable: gradients flow back to the prefix
     out = model(
         input_ids=batch.input_ids,

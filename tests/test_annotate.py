@@ -18,13 +18,13 @@ from spacy_cllmfs.annotate import (
     MANIFEST,
     AnnotateError,
     ShardSpec,
-    EntityAnnotator,
     annotate,
     iter_docs,
     iter_records,
     read_manifest,
     scan,
 )
+from spacy_cllmfs.annotate_ray import EntityAnnotator
 from spacy_cllmfs.cli import app
 
 WORDS = "Barack Obama visited Paris with Angela Merkel in 2009 , the Labour Party won in the United Kingdom".split()

@@ -3,7 +3,8 @@ import pytest
 import spacy
 
 from conftest import randomize_adapter
-from spacy_cllmfs.annotate import MANIFEST, annotate, annotate_ray, iter_records, read_manifest
+from spacy_cllmfs.annotate import MANIFEST, annotate, iter_records, read_manifest
+from spacy_cllmfs.annotate_ray import annotate_ray
 from test_annotate import BAD_LINES, MAX_CHARS, write_jsonl
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'spacy-cllmfs[ray]'")

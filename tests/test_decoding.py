@@ -141,3 +141,52 @@ def test_shared_prefix_equals_unshared(setup, constrained, max_rows, max_tokens,
         p.shared_len for p in prompts[1::2]
     )
     assert stats.prompt_tokens_read == sum(len(p.ids) for p in prompts)
+
+
+class EndsAfter:
+    """A constraint that makes a row's answer exactly `n` tokens long (then the end token)."""
+
+    def __init__(self, n, token, end_id):
+        self.n, self.token, self.end_id, self.steps, self.done = n, token, end_id, 0, False
+
+    def allowed(self):
+        return [self.end_id] if self.steps >= self.n else [self.token]
+
+    def advance(self, token):
+        self.steps += 1
+        self.done = token == self.end_id
+
+
+def test_batches_respect_rows_and_token_budget_and_refill(setup):
+    """No forward pass holds more rows than max_rows; a prefill of several groups stays
+    within max_tokens; with refill, waiting groups join as rows finish, so fewer steps
+    decode the same tokens."""
+    from spacy_cllmfs.decoding import generate_groups
+
+    model, tokenizer, builder, prompts, _ = setup
+    fmt = builder.format
+    prompts = prompts * 3
+    groups = groups_of(prompts, len(LABELS))
+    lengths = [1 + (7 * i) % 11 for i in range(len(prompts))]
+    shapes, results = [], {}
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        for refill in (False, True):
+            shapes.clear()
+            generations = generate_groups(
+                model, groups, end_id=fmt.end_id, pad_id=tokenizer.pad_token_id, max_new_tokens=16,
+                max_rows=6, max_tokens=500, refill=refill,
+                constraints=[EndsAfter(n, 50, fmt.end_id) for n in lengths])
+            assert [len(g.ids) for g in generations] == lengths and all(g.finished for g in generations)
+            assert max(rows for rows, _ in shapes) <= 6
+            prefills = [(rows, width) for rows, width in shapes if width > 1]
+            # prefix passes (one row per group), suffix passes (one row per label): within the
+            # budget unless a single group is over it alone
+            assert all(rows * width <= 500 or rows <= len(LABELS) for rows, width in prefills)
+            assert any(rows > len(LABELS) for rows, width in prefills)
+            results[refill] = [rows for rows, width in shapes if width == 1]
+    finally:
+        handle.remove()
+    assert sum(results[True]) == sum(results[False])  # the same rows x steps are decoded
+    assert len(results[True]) < len(results[False])  # in fewer, fuller steps

@@ -129,3 +129,49 @@ def test_adapter_for_another_model_is_rejected(tiny_model_path, tmp_path):
     with pytest.raises(AdapterError, match="does not fit"):
         small.set_adapter(state)
         small.load()
+
+
+def test_cpu_bf16_support_reads_the_instruction_sets(tmp_path, caplog):
+    from spacy_cllmfs.models import cpu_bf16_support, resolve_dtype
+
+    native = tmp_path / "native"
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
+    emulated = tmp_path / "emulated"
+    emulated.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert cpu_bf16_support(str(native)) == (True, "CPU flags avx512_bf16")
+    assert cpu_bf16_support(str(emulated))[0] is False
+    assert cpu_bf16_support(str(tmp_path / "missing"))[0] is False
+    # "auto" never picks bf16 on a CPU; asking for it where it is emulated warns
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    if not cpu_bf16_support()[0]:
+        with caplog.at_level("WARNING", logger="spacy_cllmfs"):
+            assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+        assert "without native bf16" in caplog.text
+
+
+def test_lora_merges_for_inference_and_unmerges_for_training(tiny_model_path):
+    from spacy_cllmfs.models import HFCausalLM, LoRASettings
+
+    lm = HFCausalLM(str(tiny_model_path), device="cpu", lora=LoRASettings(r=4, alpha=8, dropout=0.0))
+    lm.ensure_lora()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in lm.trainable_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    base = {k: v.clone() for k, v in lm.model.state_dict().items() if "lora_" not in k}
+    unmerged = lm.inference_model(merge=False)(input_ids=ids).logits
+    merged_model = lm.inference_model()
+    assert lm._merged
+    merged = merged_model(input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-4)
+    changed = [k for k, v in merged_model.state_dict().items() if k in base and not torch.equal(v, base[k])]
+    assert changed  # the update lives in the base weights now
+    lm.ensure_lora()  # training: unmerged, base weights restored (float32: within rounding)
+    assert not lm._merged
+    for key, value in lm.model.state_dict().items():
+        if key in base:
+            assert torch.allclose(value, base[key], atol=1e-6), key
+    lm.merge_lora = False
+    lm.inference_model()
+    assert not lm._merged

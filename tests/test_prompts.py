@@ -178,7 +178,7 @@ def test_sentencepiece_prompts_read_as_one_text(nlp, prepend_scheme, make_templa
         assert tokenizer.decode(prompt.ids[start:end]).strip() == token.text
 
 
-def test_sentence_first_template_shares_the_sentence(builder, tokenizer, nlp):
+def test_prompt_v2_shares_the_sentence_and_empties_the_system_message(builder, tokenizer, nlp):
     v2 = PromptBuilder(prompt_v2(), tokenizer)
     doc = nlp("Angela Merkel met Marie Curie.")
     person, location = v2.build(v2.word_pieces(doc[:]), [PERSON, LOCATION])
