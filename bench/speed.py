@@ -55,6 +55,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import spacy
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.machine import cpu_model  # noqa: E402
+
 PIPE_SYSTEMS: Dict[str, Dict[str, Any]] = {
     "cllmfs_pipe": {"shared_prefix": False, "refill": False, "prompt": "spacy_cllmfs.prompt.v1"},
     "cllmfs_shared_label_first": {"shared_prefix": True, "refill": True, "prompt": "spacy_cllmfs.prompt.v1"},
@@ -617,7 +621,7 @@ def environment(args: argparse.Namespace, argv: Sequence[str], model: Any, devic
         "model_class": type(model).__name__,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "dtype": str(next(model.parameters()).dtype),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -629,17 +633,6 @@ def environment(args: argparse.Namespace, argv: Sequence[str], model: Any, devic
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": _load_average(),
     }
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _load_average() -> Optional[List[float]]:
