@@ -3,7 +3,7 @@
     python bench/quality.py --data ../shared/data/crossner --profile cpu-smoke \
         --output bench/results/quality-cpu-smoke.json
     python bench/quality.py --data ../shared/data/crossner --profile gpu \
-        --model /root/stage/qwen2.5-coder-1.5b --device cuda:0 --output bench/results/quality-gpu.json
+        --model bench/work/models/qwen2.5-coder-1.5b-instruct.gguf --device cuda:0 --output bench/results/quality-gpu.json
 
 Systems (all on the same K-shot training sets and, where they use one, the same base LLM):
   spacy_ner        spaCy's own NER (`spacy train`, default CPU `ner` config)
@@ -12,10 +12,18 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
   cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
   cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
   cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
+  cllmfs_sentence_first  cllmfs with the sentence-first template (spacy_cllmfs.prompt.v2)
+
+The cllmfs systems train with the component's default recipe (spacy_cllmfs.training.v2:
+`negatives_per_positive`, confusable negatives first), keep the adapter that scores best
+on the first `dev_limit` dev sentences (`dev_evals` evaluations) and calibrate its
+open-or-end decision on them (`spacy_cllmfs.loop.fit_select`), the way `spacy project
+run all` does with `spacy train` and `spacy_cllmfs calibrate`.
 
 The base model is loaded once per process and each run gets a fresh adapter. Results
 are written after every run, keyed by system/domain/K/seed, and runs already in the
-output file are skipped: an interrupted matrix continues where it stopped.
+output file are skipped: an interrupted matrix continues where it stopped. A results
+file holds one set of settings: continuing it with other settings is refused.
 """
 import argparse
 import json
@@ -28,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import spacy
 import torch
@@ -40,18 +48,19 @@ from spacy.util import registry
 from spacy_cllmfs.adapters import AdapterState
 from spacy_cllmfs.corpora import read_conll
 from spacy_cllmfs.labels import default_description
-from spacy_cllmfs.loop import as_examples, fit, unannotated
+from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated
 from spacy_cllmfs.models import HFCausalLM
 from spacy_cllmfs.sampling import greedy_k_shot, label_counts
 from spacy_cllmfs.spacy_llm import SpacyLLMModel, write_ner_v3_examples
 
-SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer")
+SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_sentence_first")
 SYSTEM_NAMES = {
     "spacy_ner": "spaCy NER (CPU config)",
     "spacy_llm": "spacy-llm NER.v3, in-context shots",
     "cllmfs_lora": "cllmfs_ner, LoRA only",
     "cllmfs": "cllmfs_ner, LoRA + contrastive",
     "cllmfs_transfer": "cllmfs_ner, CoNLL-2003 -> domain",
+    "cllmfs_sentence_first": "cllmfs_ner, sentence-first prompt (v2)",
 }
 DOMAINS = ("politics", "science", "music", "literature")
 # GLiNER-L zero-shot F1 as published (Zaratiana et al., 2023); its weights are not reachable here
@@ -60,15 +69,26 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     # the CPU smoke matrix: SmolLM2, K=5, one seed, <= 50 test sentences per domain
     "cpu-smoke": {
         "model": "embedded", "shots": [5], "seeds": [0], "extra_seeds": {}, "test_limit": 40,
-        "epochs": 5, "batch_size": 4, "learn_rate": 1e-3, "negative_ratio": 0.5, "source_limit": 200,
-        "source_epochs": 1,
+        "epochs": 5, "batch_size": 4, "learn_rate": 1e-3, "negatives_per_positive": 1.0,
+        "negative_sampling": "confusable", "dev_limit": 20, "dev_evals": 2, "calibrate": True,
+        "source_limit": 200, "source_epochs": 1,
+        "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
+    },
+    # the real-model CPU matrix: Qwen2.5-Coder-1.5B-Instruct (bench/get_model.py), K=5 on the
+    # four domains and K=20 on politics, 100 test sentences
+    "cpu-real": {
+        "model": None, "shots": [5], "extra_shots": {"politics": [20]}, "seeds": [0], "extra_seeds": {},
+        "test_limit": 100, "epochs": 5, "batch_size": 4, "learn_rate": 3e-4, "negatives_per_positive": 1.0,
+        "negative_sampling": "confusable", "dev_limit": 30, "dev_evals": 2, "calibrate": True,
+        "source_limit": 500, "source_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
     "gpu": {
         "model": None, "shots": [5, 20], "seeds": [0], "extra_seeds": {"politics": [1, 2]}, "test_limit": 300,
-        "epochs": 10, "batch_size": 4, "learn_rate": 5e-4, "negative_ratio": 1.0, "source_limit": 2000,
-        "source_epochs": 2,
+        "epochs": 10, "batch_size": 4, "learn_rate": 5e-4, "negatives_per_positive": 1.0,
+        "negative_sampling": "confusable", "dev_limit": 50, "dev_evals": 3, "calibrate": True,
+        "source_limit": 2000, "source_epochs": 2,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
     },
 }
@@ -120,33 +140,45 @@ def score(nlp: Language, gold: Sequence[Doc]) -> Dict[str, Any]:
     }
 
 
-def cllmfs_nlp(settings: Dict[str, Any], contrastive_weight: float) -> Language:
+def cllmfs_nlp(settings: Dict[str, Any], contrastive_weight: float, prompt: str = "spacy_cllmfs.prompt.v1") -> Language:
     nlp = spacy.blank("en")
     nlp.add_pipe("cllmfs_ner", config={
         "model": {"@misc": "bench.preloaded_lm.v1"},
+        "prompt": {"@misc": prompt},
         "max_new_tokens": settings["max_new_tokens"],
         "batch_size": settings["decode_batch_size"],
-        "training": {"@misc": "spacy_cllmfs.training.v1", "contrastive_weight": contrastive_weight,
+        "training": {"@misc": "spacy_cllmfs.training.v2", "contrastive_weight": contrastive_weight,
                      "micro_batch_size": settings["micro_batch_size"],
-                     "negative_ratio": settings["negative_ratio"]},
+                     "negatives_per_positive": settings["negatives_per_positive"],
+                     "negative_sampling": settings["negative_sampling"]},
     })
     return nlp
 
 
 def train_cllmfs(
     nlp: Language, docs: Sequence[Doc], labels: Sequence[str], epochs: int, settings: Dict[str, Any],
-    start: Optional[AdapterState], seed: int,
+    start: Optional[AdapterState], seed: int, dev: Sequence[Doc] = (),
 ) -> Dict[str, Any]:
+    """Train a fresh adapter (from `start`); with `dev`, keep the best on it and calibrate."""
     ner = nlp.get_pipe("cllmfs_ner")
     ner.model.reset_adapter(start)
+    ner.open_bias = 0.0
     examples = as_examples(nlp, docs)
     ner.initialize(lambda: examples, nlp=nlp, labels=list(labels), label_descriptions={})
     steps = max(1, math.ceil(len(examples) / settings["batch_size"]) * epochs)
+    schedule = dict(batch_size=settings["batch_size"], learn_rate=settings["learn_rate"],
+                    warmup_steps=min(10, steps // 10), seed=seed, progress=sys.stderr.isatty())
     begin = time.time()
-    history = fit(nlp, examples, steps=steps, batch_size=settings["batch_size"],
-                  learn_rate=settings["learn_rate"], warmup_steps=min(10, steps // 10), seed=seed,
-                  progress=sys.stderr.isatty())
-    return {"train_s": time.time() - begin, "steps": steps, "first_loss": history[0], "last_loss": history[-1]}
+    info: Dict[str, Any] = {"steps": steps}
+    if dev:
+        selection = fit_select(nlp, examples, as_examples(nlp, dev), steps=steps, evaluations=settings["dev_evals"],
+                               calibrate=settings["calibrate"], **schedule)
+        losses = selection.losses
+        info.update(dev_sentences=len(dev), dev_scores={str(k): v for k, v in selection.dev_scores.items()},
+                    best_step=selection.best_step, calibration=selection.calibration.get(ner.name))
+    else:
+        losses = fit(nlp, examples, steps=steps, **schedule)
+    return {**info, "train_s": time.time() - begin, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def run_spacy_ner(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any], seed: int) -> Dict[str, Any]:
@@ -156,7 +188,7 @@ def run_spacy_ner(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
     work = Path(tempfile.mkdtemp(prefix="bench-spacy-ner-"))
     try:
         DocBin(docs=shots).to_disk(work / "train.spacy")
-        DocBin(docs=domain.dev[:50]).to_disk(work / "dev.spacy")
+        DocBin(docs=domain.dev[: settings["dev_limit"]]).to_disk(work / "dev.spacy")
         config = init_config(lang="en", pipeline=["ner"], optimize="efficiency", gpu=False)
         config.to_disk(work / "config.cfg")
         begin = time.time()
@@ -211,6 +243,21 @@ def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Lang
     return state
 
 
+def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str]) -> List[tuple]:
+    """The runs (domain, K, seed, system) in order of importance, so that a short time
+    budget still yields the rows that matter: the first K and seed on every domain first
+    (domains and systems in the order given), then extra shots and seeds."""
+    first = [(d, settings["shots"][0], settings["seeds"][0], s) for d in domains for s in systems]
+    rest = [
+        (d, k, seed, s)
+        for d in domains
+        for k in settings["shots"] + settings.get("extra_shots", {}).get(d, [])
+        for seed in settings["seeds"] + settings["extra_seeds"].get(d, [])
+        for s in systems
+    ]
+    return first + [run for run in rest if run not in first]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="CrossNER folder (…/crossner)")
@@ -256,6 +303,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = json.loads(args.output.read_text()) if args.output.exists() else {}
     runs = results.setdefault("runs", {})
+    recorded = results.get("settings")
+    if recorded is not None:
+        changed = sorted(k for k in set(recorded) | set(settings)
+                         if k != "model_parameters" and recorded.get(k) != settings.get(k))
+        if changed:
+            parser.error(f"{args.output} holds runs made with other settings ({', '.join(changed)}); "
+                         "continuing it would mix them. Fix: write to a new --output.")
     results["settings"] = {k: v for k, v in settings.items()}
     results["machine"] = machine()
     given = list(argv) if argv is not None else sys.argv[1:]
@@ -272,44 +326,48 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     nlp = spacy.blank("en")
     vocab = nlp.vocab
     source: Optional[AdapterState] = None
-    for domain_name in [d for d in args.domains.split(",") if d]:
-        domain = Domain(args.data, domain_name, settings["test_limit"], vocab)
-        seeds = settings["seeds"] + settings["extra_seeds"].get(domain_name, [])
-        for k in settings["shots"]:
-            for seed in seeds:
-                shots = domain.shots(k, seed)
-                for system in systems:
-                    key = f"{system}|{domain_name}|k{k}|s{seed}"
-                    if key in runs:
-                        continue
-                    if args.time_budget and time.time() - began > 60 * args.time_budget:
-                        print(f"Time budget of {args.time_budget} min used; rerun to continue.", flush=True)
-                        write_json(args.output, results)
-                        return
-                    print(f"== {key}: {len(shots)} training sentences, {len(domain.test)} test", flush=True)
-                    begin = time.time()
-                    if system == "spacy_ner":
-                        result = run_spacy_ner(shots, domain, settings, seed)
-                    elif system == "spacy_llm":
-                        result = run_spacy_llm(shots, domain, settings)
-                    else:
-                        weight = 0.0 if system == "cllmfs_lora" else 0.1
-                        model_nlp = cllmfs_nlp(settings, weight)
-                        start = None
-                        if system == "cllmfs_transfer":
-                            source = source or source_adapter(args, settings, model_nlp)
-                            start = source
-                        result = train_cllmfs(model_nlp, shots, domain.labels, settings["epochs"], settings, start, seed)
-                        result.update(score(model_nlp, domain.test))
-                    runs[key] = {
-                        **result, "system": system, "domain": domain_name, "k": k, "seed": seed,
-                        "train_sentences": len(shots), "test_sentences": len(domain.test),
-                        "wall_s": time.time() - begin, "model": settings["model"],
-                    }
-                    print(f"   ents_f={result['ents_f']:.4f} train {result['train_s']:.0f}s infer "
-                          f"{result['infer_s']:.0f}s", flush=True)
-                    results["wall_s"] = results.get("wall_s", 0.0) + runs[key]["wall_s"]
-                    write_json(args.output, results)
+    domains: Dict[str, Domain] = {}
+    shots_of: Dict[Any, List[Doc]] = {}
+    for domain_name, k, seed, system in plan(settings, [d for d in args.domains.split(",") if d], systems):
+        key = f"{system}|{domain_name}|k{k}|s{seed}"
+        if key in runs:
+            continue
+        if args.time_budget and time.time() - began > 60 * args.time_budget:
+            print(f"Time budget of {args.time_budget} min used; rerun to continue.", flush=True)
+            write_json(args.output, results)
+            return
+        if domain_name not in domains:
+            domains[domain_name] = Domain(args.data, domain_name, settings["test_limit"], vocab)
+        domain = domains[domain_name]
+        if (domain_name, k, seed) not in shots_of:
+            shots_of[(domain_name, k, seed)] = domain.shots(k, seed)
+        shots = shots_of[(domain_name, k, seed)]
+        print(f"== {key}: {len(shots)} training sentences, {len(domain.test)} test", flush=True)
+        begin = time.time()
+        if system == "spacy_ner":
+            result = run_spacy_ner(shots, domain, settings, seed)
+        elif system == "spacy_llm":
+            result = run_spacy_llm(shots, domain, settings)
+        else:
+            weight = 0.0 if system == "cllmfs_lora" else 0.1
+            prompt = "spacy_cllmfs.prompt.v2" if system == "cllmfs_sentence_first" else "spacy_cllmfs.prompt.v1"
+            model_nlp = cllmfs_nlp(settings, weight, prompt)
+            start = None
+            if system == "cllmfs_transfer":
+                source = source or source_adapter(args, settings, model_nlp)
+                start = source
+            result = train_cllmfs(model_nlp, shots, domain.labels, settings["epochs"], settings, start, seed,
+                                  dev=domain.dev[: settings["dev_limit"]])
+            result.update(score(model_nlp, domain.test))
+        runs[key] = {
+            **result, "system": system, "domain": domain_name, "k": k, "seed": seed,
+            "train_sentences": len(shots), "test_sentences": len(domain.test),
+            "wall_s": time.time() - begin, "model": settings["model"],
+        }
+        print(f"   ents_f={result['ents_f']:.4f} train {result['train_s']:.0f}s infer "
+              f"{result['infer_s']:.0f}s", flush=True)
+        results["wall_s"] = results.get("wall_s", 0.0) + runs[key]["wall_s"]
+        write_json(args.output, results)
     write_json(args.output, results)
     print(f"Matrix complete: every requested run is in {args.output}.", flush=True)
 

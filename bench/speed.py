@@ -31,7 +31,7 @@ as (c) (prompts sorted by length), so the two differ only in when rows stop. The
 entities of (d)-(f) are compared with those of (d).
 
 Example:
-    python bench/speed.py --data /work/shared/data/crossner --domain politics \
+    python bench/speed.py --data ../shared/data/crossner --domain politics \
         --limit 20 --model embedded --device cpu --batch-size 32 --max-new-tokens 48 \
         --output bench/results/speed-cpu-smollm2-politics.json
 """

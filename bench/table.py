@@ -58,7 +58,7 @@ def speed_table(results: Dict[str, Any]) -> str:
     for name, system in systems.items():
         speedup = system.get("speedup_vs_per_prompt")
         row = (
-            f"| {name} | {system['sentences_per_s']:.2f} | {system['prompts_per_s']:.2f} | "
+            f"| {name} | {_rate(system['sentences_per_s'])} | {system['prompts_per_s']:.2f} | "
             f"{system['generated_tokens_per_s']:.1f} | {system['forward_passes']} | "
             f"{system['peak_memory_mib']:.0f} | {100 * system['fraction_of_floor']:.1f}% | "
             + (f"{speedup:.2f}x |" if speedup else "- |")
@@ -73,9 +73,14 @@ def speed_table(results: Dict[str, Any]) -> str:
                  "| training path | sentences/s | prompts | peak memory MiB | speed-up vs unshared |",
                  "|---|---|---|---|---|"]
         for name, run in training["runs"].items():
-            rows.append(f"| {name} | {run['sentences_per_s']:.2f} | {run['prompts']} | "
+            rows.append(f"| {name} | {_rate(run['sentences_per_s'])} | {run['prompts']} | "
                         f"{run['peak_memory_mib']:.0f} | {run['speedup_vs_unshared']:.2f}x |")
     return "\n".join(rows)
+
+
+def _rate(value: float) -> str:
+    """Two decimals, or three significant digits for slow rates (0.0243, not 0.02)."""
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
 
 
 def describe(results: Dict[str, Any]) -> str:
@@ -84,8 +89,12 @@ def describe(results: Dict[str, Any]) -> str:
     commands = results.get("commands") or [results.get("command")]
     shown = "Command: " if len(commands) == 1 else "Commands (one matrix, resumed): "
     wall = sum(run.get("wall_s", 0.0) for run in results["runs"].values())
+    superseded = results.get("superseded", {})
+    kept = (f". The file also keeps {len(superseded)} superseded run(s), not in the table: "
+            + "; ".join(f"{key} ({run.get('superseded')})" for key, run in superseded.items()) + "."
+            ) if superseded else ""
     return (f"Model `{settings.get('model')}`, {where}, {len(results['runs'])} runs, sum of their measured "
-            f"wall times {wall / 60:.0f} min. {shown}" + "; ".join(f"`{c}`" for c in commands))
+            f"wall times {wall / 60:.0f} min. {shown}" + "; ".join(f"`{c}`" for c in commands) + kept)
 
 
 def section(results_dir: Path) -> str:
@@ -112,8 +121,10 @@ def speed_description(results: Dict[str, Any]) -> str:
         + (f" with LoRA adapter `{env['adapter']}`" if env.get("adapter") else " (no adapter)")
         + f" ({env['n_parameters'] / 1e6:.0f}M "
         f"parameters, {env['dtype']}) on {env['device']} ({env['device_name']}, {env['cpu_count']} cores, "
-        f"{env['torch_threads']} torch threads), {env['date'][:10]}{_load(env)}. Outputs of the three unconstrained "
-        f"systems differed on {agreement['mismatches']} of {agreement['prompts']} prompts.{_entities(results)} "
+        f"{env['torch_threads']} torch threads), {env['date'][:10]}{_load(env)}."
+        + (f" Outputs of the three unconstrained systems differed on {agreement['mismatches']} of "
+           f"{agreement['prompts']} prompts." if agreement.get("mismatches") is not None else "")
+        + f"{_entities(results)} "
         f"Compute floor: {floor['formula']} at {_peaks(floor)}. Command: `{env['command']}`"
     )
 

@@ -2,6 +2,11 @@
 
     python project/train.py CONFIG OUTPUT_DIR --train T.spacy --dev D.spacy [options]
 
+The training length is given in epochs over the K-shot set (--epochs; or
+--steps), and the dev set is scored --dev-evals times (the last step included):
+spaCy keeps the best as model-best, the way `bench/quality.py` selects with
+`spacy_cllmfs.loop.fit_select`, with the same learn-rate schedule and warmup.
+
 The run saves a checkpoint (adapter + optimizer state) every --checkpoint-every
 steps under OUTPUT_DIR/checkpoint. If OUTPUT_DIR has a checkpoint but no
 model-last (the run was interrupted), training continues from it for the
@@ -9,11 +14,24 @@ remaining steps, with the learn-rate schedule picking up where it stopped.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict
 
 from spacy.cli.train import train
+from spacy.tokens import DocBin
+
+
+def eval_frequency(steps: int, evaluations: int) -> int:
+    """spaCy scores the dev set after update 0 and every `eval_frequency` updates:
+    the smallest frequency of at most `evaluations` further scorings that include
+    the last update (index steps - 1)."""
+    last = steps - 1
+    if last < 1:
+        return 1
+    first = max(1, math.ceil(last / max(1, evaluations)))
+    return min(f for f in range(first, last + 1) if last % f == 0)
 
 
 def main(argv=None) -> None:
@@ -25,16 +43,22 @@ def main(argv=None) -> None:
     parser.add_argument("--base-model", default="embedded")
     parser.add_argument("--adapter", default=None, help="Adapter to start from (e.g. a source-domain model's).")
     parser.add_argument("--gpu-id", type=int, default=-1, help="CUDA device for the model; -1 for the CPU.")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--eval-frequency", type=int, default=0, help="0: half of --steps.")
+    parser.add_argument("--epochs", type=int, default=5, help="Passes over the training set.")
+    parser.add_argument("--steps", type=int, default=0, help="Updates (0: from --epochs).")
+    parser.add_argument("--dev-evals", type=int, default=2, help="Dev scorings after the first update.")
     parser.add_argument("--batch-size", type=int, default=4, help="Sentences per step.")
     parser.add_argument("--learn-rate", type=float, default=1e-3)
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--warmup-steps", type=int, default=-1, help="-1: min(10, steps // 10).")
     parser.add_argument("--contrastive-weight", type=float, default=0.1)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    if args.steps < 1:
+        n_train = len(DocBin().from_disk(args.train))
+        args.steps = max(1, math.ceil(n_train / args.batch_size) * args.epochs)
+    if args.warmup_steps < 0:
+        args.warmup_steps = min(10, args.steps // 10)
     checkpoint_dir = args.output_dir / "checkpoint"
     overrides: Dict[str, Any] = {
         "paths.train": str(args.train),
@@ -45,8 +69,9 @@ def main(argv=None) -> None:
         "system.seed": args.seed,
         "components.cllmfs_ner.model.device": f"cuda:{args.gpu_id}" if args.gpu_id >= 0 else "cpu",
         "components.cllmfs_ner.training.contrastive_weight": args.contrastive_weight,
-        "training.max_steps": args.steps,
-        "training.eval_frequency": args.eval_frequency or max(1, args.steps // 2),
+        # spaCy counts updates from 0 and stops after update max_steps: steps - 1 gives `steps` updates
+        "training.max_steps": max(1, args.steps - 1),
+        "training.eval_frequency": eval_frequency(args.steps, args.dev_evals),
         "training.batcher.size": args.batch_size,
         "training.before_update.every": args.checkpoint_every,
         "training.optimizer.learn_rate.initial_rate": args.learn_rate,
@@ -61,7 +86,7 @@ def main(argv=None) -> None:
         print(f"Resuming from the checkpoint at step {done}: {remaining} steps to go (learn rate {rate:.2e}).")
         overrides.update({
             "paths.resume_from": str(checkpoint_dir / "cllmfs_ner"),
-            "training.max_steps": remaining,
+            "training.max_steps": max(1, remaining - 1),
             "training.eval_frequency": min(overrides["training.eval_frequency"], remaining),
             "training.before_update.offset": done,
             "training.optimizer.learn_rate.initial_rate": max(rate, 1e-12),

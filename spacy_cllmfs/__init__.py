@@ -9,7 +9,7 @@ from .component import CLLMFSNer, make_cllmfs_ner
 from .models import HFCausalLM, LoRASettings, hf_causal_lm_v1, lora_v1
 from .prompts import PromptTemplate, prompt_v1
 from .spacy_llm import SpacyLLMModel, ner_v3_examples, spacy_llm_model_v1, write_ner_v3_examples
-from .training import TrainingSettings, training_v1
+from .training import TrainingSettings, training_v1, training_v2
 
 __all__ = [
     "CLLMFSNer",
@@ -28,4 +28,5 @@ __all__ = [
     "write_ner_v3_examples",
     "prompt_v1",
     "training_v1",
+    "training_v2",
 ]

@@ -85,6 +85,48 @@ def subset_cli(
     typer.echo(f"Kept {len(kept)} of {len(docs)} docs in {output_path}")
 
 
+@app.command("calibrate")
+def calibrate_cli(
+    pipeline: Path = typer.Argument(..., help="A trained pipeline folder (e.g. training/.../model-best)."),
+    dev_path: Path = typer.Argument(..., help="Gold .spacy dev set (a few dozen sentences)."),
+    output_path: Path = typer.Argument(..., help="Folder for the calibrated pipeline (may be `pipeline`)."),
+    component: str = typer.Option("cllmfs_ner", "--component", help="Name of the cllmfs_ner component."),
+    gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
+) -> None:
+    """Calibrate the open-or-end decision (`open_bias`) of a trained pipeline on a dev set."""
+    import shutil
+
+    import spacy
+
+    from .component import CLLMFSNer
+    from .loop import as_examples
+
+    with _report_errors():
+        overrides = {f"components.{component}.model.device": f"cuda:{gpu_id}"} if gpu_id >= 0 else {}
+        nlp = spacy.load(pipeline, config=overrides)
+        ner = nlp.get_pipe(component) if component in nlp.pipe_names else None
+        if not isinstance(ner, CLLMFSNer):
+            raise ValueError(f"'{pipeline}' has no cllmfs_ner component named '{component}' (it has {nlp.pipe_names}).")
+        docs = load_docbin(dev_path, nlp.vocab)
+        result = ner.calibrate(as_examples(nlp, docs))
+        # write next to the target and swap, so that an error never leaves half a pipeline
+        tmp = output_path.with_name(output_path.name + ".calibrating")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        nlp.to_disk(tmp)
+        if output_path.exists():
+            shutil.rmtree(output_path)
+        tmp.rename(output_path)
+    checked = ""
+    if result.ents_f_before is not None:
+        verdict = "kept" if result.kept else f"not kept: open_bias stays {ner.open_bias:+.3f}"
+        checked = f"; dev ents_f {result.ents_f_before:.3f} -> {result.ents_f_after:.3f} ({verdict})"
+    typer.echo(
+        f"open_bias = {result.open_bias:+.3f} on {result.prompts} dev prompts ({result.positives} with an entity): "
+        f"prompt-level F1 {result.f1_before:.3f} -> {result.f1_after:.3f}{checked}. Wrote {output_path}"
+    )
+
+
 @app.command("export-model")
 def export_model_cli(
     model: str = typer.Argument(..., help="Hub name, folder, .gguf file or 'embedded'."),

@@ -17,6 +17,7 @@ import srsly
 import torch
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
+from spacy.scorer import get_ner_prf
 from spacy.tokens import Doc, Span, SpanGroup
 from spacy.training import Example, validate_examples, validate_get_examples
 from spacy.util import SimpleFrozenList
@@ -25,10 +26,12 @@ from thinc.api import Config
 
 from .adapters import AdapterState
 from .alignment import OVERLAP_STRATEGIES, Candidate, resolve_overlaps
+from .calibration import Calibration, decision_margins, fit_open_bias
 from .decoding import DecodingStats
 from .inference import DecodingSettings, WindowPrompts, doc_windows, find_candidates, make_prompts, window_budget
 from .labels import LabelInfo, label_infos, validate_labels
 from .models import HFCausalLM
+from .negatives import LabelCooccurrence
 from .prompts import PromptBuilder, PromptTemplate
 from .training import LoRAOptimizer, TrainingItem, TrainingSettings, accumulate, make_items
 
@@ -53,7 +56,7 @@ target_modules = "all-linear"
 @misc = "spacy_cllmfs.prompt.v1"
 
 [training]
-@misc = "spacy_cllmfs.training.v1"
+@misc = "spacy_cllmfs.training.v2"
 contrastive_weight = 0.1
 fgm_epsilon = 0.0
 
@@ -89,6 +92,7 @@ def _decoding_setting(name: str) -> property:
         "shared_prefix": DEFAULT_DECODING.shared_prefix,
         "max_batch_tokens": DEFAULT_DECODING.max_batch_tokens,
         "refill": DEFAULT_DECODING.refill,
+        "open_bias": DEFAULT_DECODING.open_bias,
         "max_window_tokens": 256,
         "overwrite_ents": False,
         "overlap": "longest",
@@ -113,6 +117,7 @@ def make_cllmfs_ner(
     shared_prefix: bool,
     max_batch_tokens: int,
     refill: bool,
+    open_bias: float,
     max_window_tokens: int,
     overwrite_ents: bool,
     overlap: str,
@@ -136,6 +141,7 @@ def make_cllmfs_ner(
         shared_prefix=shared_prefix,
         max_batch_tokens=max_batch_tokens,
         refill=refill,
+        open_bias=open_bias,
         max_window_tokens=max_window_tokens,
         overwrite_ents=overwrite_ents,
         overlap=overlap,
@@ -164,6 +170,9 @@ class CLLMFSNer(TrainablePipe):
         window (false: every prompt whole, in fixed batches).
     max_batch_tokens (int): The most prompt tokens prefilled in one forward pass.
     refill (bool): Let waiting prompts join the batch as others finish.
+    open_bias (float): With `constrained`, added to log P(open a span) - log P(end)
+        wherever an answer may do either; `calibrate` sets it from a dev set, and the
+        calibrated value is saved with the pipeline (it wins over the config's).
     max_window_tokens (int): Longest sentence window in model tokens; longer documents
         are split at sentence boundaries (and overlong sentences between tokens).
     overwrite_ents (bool): Let predictions replace overlapping existing entities
@@ -192,6 +201,7 @@ class CLLMFSNer(TrainablePipe):
         shared_prefix: bool = DEFAULT_DECODING.shared_prefix,
         max_batch_tokens: int = DEFAULT_DECODING.max_batch_tokens,
         refill: bool = DEFAULT_DECODING.refill,
+        open_bias: float = DEFAULT_DECODING.open_bias,
         max_window_tokens: int = 256,
         overwrite_ents: bool = False,
         overlap: str = "longest",
@@ -209,6 +219,7 @@ class CLLMFSNer(TrainablePipe):
             shared_prefix=shared_prefix,
             max_batch_tokens=max_batch_tokens,
             refill=refill,
+            open_bias=open_bias,
         )
         if overlap not in OVERLAP_STRATEGIES:
             raise ValueError(f"cllmfs_ner: `overlap` must be one of {OVERLAP_STRATEGIES}, got {overlap!r}.")
@@ -226,6 +237,7 @@ class CLLMFSNer(TrainablePipe):
         self.last_losses: Dict[str, float] = {}
         self._optimizer: Optional[LoRAOptimizer] = None
         self._rng = random.Random(self.training.seed)
+        self._cooccurrence: Optional[LabelCooccurrence] = None
         self.cfg: Dict[str, Any] = {"labels": [], "label_descriptions": {}, "label_names": {}}
         self._set_labels(labels, label_descriptions or {}, label_names or {})
         self._builder: Optional[PromptBuilder] = None
@@ -239,6 +251,7 @@ class CLLMFSNer(TrainablePipe):
     ordered_spans = _decoding_setting("ordered_spans")
     shared_prefix = _decoding_setting("shared_prefix")
     refill = _decoding_setting("refill")
+    open_bias = _decoding_setting("open_bias")
 
     # -- labels -----------------------------------------------------------------
 
@@ -324,6 +337,11 @@ class CLLMFSNer(TrainablePipe):
 
     # -- inference ------------------------------------------------------------------
 
+    def _inference_model(self) -> Any:
+        """The model for inference: LoRA merged into the base weights, except for
+        16-bit weights while training (merging and unmerging them would round)."""
+        return self.model.inference_model(merge=self._optimizer is None or self.model.dtype == torch.float32)
+
     def predict(self, docs: Iterable[Doc]) -> List[List[Candidate]]:
         """Find entity candidates in a batch of docs, without modifying them.
 
@@ -336,7 +354,7 @@ class CLLMFSNer(TrainablePipe):
         stats = DecodingStats()
         candidates = find_candidates(
             docs,
-            self.model.inference_model(merge=self._optimizer is None or self.model.dtype == torch.float32),
+            self._inference_model(),
             self.builder,
             self.label_infos,
             self.decoding,
@@ -346,6 +364,53 @@ class CLLMFSNer(TrainablePipe):
         )
         self.stats.add(stats)
         return candidates
+
+    def calibrate(
+        self, examples: Iterable[Example], *, verify: bool = True, ents_f_before: Optional[float] = None
+    ) -> Calibration:
+        """Set `open_bias` from gold examples (a small dev set): score the first answer
+        decision of every (window, label) prompt and pick the offset that best tells
+        labels present in the window from absent ones (see `calibration`).
+
+        examples (Iterable[Example]): Gold examples; their reference entities count.
+        verify (bool): Keep the new offset only if the entity F1 on `examples` does not
+            drop with it (one or two passes of decoding over them).
+        ents_f_before (Optional[float]): The entity F1 with the current offset, if known.
+        RETURNS (Calibration): The offset chosen, whether it was kept, and its effect.
+        """
+        examples = list(examples)
+        validate_examples(examples, "CLLMFSNer.calibrate")
+        self._require_labels()
+        if not self.decoding.constrained:
+            raise ValueError(
+                f"'{self.name}': open_bias only acts on constrained decoding. Fix: set "
+                "`constrained = true` before calibrating."
+            )
+        docs = [example.reference for example in examples]
+        tasks = self.make_prompts(docs)
+        positive = []
+        for task in tasks:
+            window = task.window
+            present = {e.label_ for e in docs[task.doc_index].ents if e.start >= window.start and e.end <= window.end}
+            positive.extend(prompt.label in present for prompt in task.prompts)
+        margins = decision_margins(self._inference_model(), tasks, self.builder.format, self.decoding, self.model.pad_id)
+        result = fit_open_bias(margins, positive)
+        previous = self.open_bias
+        if not verify or result.open_bias == previous:
+            self.open_bias = result.open_bias
+            return result
+        result.ents_f_before = self._ents_f(docs) if ents_f_before is None else ents_f_before
+        self.open_bias = result.open_bias
+        result.ents_f_after = self._ents_f(docs)
+        if result.ents_f_after < result.ents_f_before:
+            self.open_bias, result.kept = previous, False
+        return result
+
+    def _ents_f(self, gold: Sequence[Doc]) -> float:
+        """RETURNS (float): This component's entity F1 on gold docs (annotated afresh)."""
+        blank = [Doc(self.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc]) for doc in gold]
+        predicted = list(self.pipe(blank))
+        return float(get_ner_prf([Example(p, g) for p, g in zip(predicted, gold)])["ents_f"] or 0.0)
 
     def set_annotations(self, docs: Iterable[Doc], candidates: List[List[Candidate]]) -> None:
         """Set `doc.ents` (and the candidates span group, if configured)."""
@@ -397,6 +462,9 @@ class CLLMFSNer(TrainablePipe):
             labels.sort()
         self._set_labels(labels if labels is not None else self.labels, descriptions)
         self._require_labels()
+        if self.training.retired:
+            raise ValueError(self.training.retired)
+        self._cooccurrence = LabelCooccurrence.from_examples(get_examples(), self.labels)
         self.model.ensure_lora()
         self._optimizer = None
         self._rng = random.Random(self.training.seed)
@@ -405,7 +473,9 @@ class CLLMFSNer(TrainablePipe):
 
     def training_items(self, examples: Iterable[Example]) -> List[TrainingItem]:
         """Turn gold examples into prompts with their answers (see `training.make_items`)."""
-        return make_items(self.builder, self.windows, list(examples), self.label_infos, self.training, self._rng)
+        return make_items(
+            self.builder, self.windows, list(examples), self.label_infos, self.training, self._rng, self._cooccurrence
+        )
 
     def _trainable_model(self) -> Any:
         self.model.ensure_lora()
@@ -481,6 +551,12 @@ class CLLMFSNer(TrainablePipe):
             self._optimizer = LoRAOptimizer(self.model.trainable_parameters())
         self._optimizer.step(sgd)
 
+    def restore_adapter(self, state: AdapterState) -> None:
+        """Go back to an earlier adapter (e.g. the best on a dev set); the optimizer
+        starts afresh if training goes on."""
+        self.model.set_adapter(state)
+        self._optimizer = None
+
     @contextlib.contextmanager
     def use_params(self, params: Dict) -> Iterator[None]:
         """Parameter averages are not kept for the LoRA weights: they are used as they are."""
@@ -534,10 +610,13 @@ class CLLMFSNer(TrainablePipe):
             "label_descriptions": dict(self.cfg["label_descriptions"]),
             "label_names": dict(self.cfg["label_names"]),
             "base_model": self.model.source.description,
+            "open_bias": self.open_bias,
         }
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self._set_labels(state["labels"], state["label_descriptions"], state.get("label_names", {}))
+        if "open_bias" in state:
+            self.open_bias = float(state["open_bias"])
         saved_base = state.get("base_model")
         if saved_base and saved_base != self.model.source.description and self.model.has_adapter:
             logger.warning(

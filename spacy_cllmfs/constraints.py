@@ -6,9 +6,13 @@ tracks, per generated token, which tokens may come next, so every answer
 parses and every span is a span of the input. With `ordered=True` each span
 must start after the previous one (gold answers list spans in sentence
 order), which also bounds the answer: it cannot repeat itself forever.
+
+`open_bias` is added to the log-probability of opening a span wherever the
+answer may open one or end: a calibration of the open-or-end decision (see
+`calibration`), since few-shot training leaves that decision off balance.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .prompts import AnswerFormat, Prompt
 
@@ -36,11 +40,13 @@ class CopyConstraint:
     prompt (Prompt): The prompt whose sentence may be copied.
     fmt (AnswerFormat): Delimiter and end-of-answer ids.
     ordered (bool): Each span must start after the start of the previous one.
+    open_bias (float): Added to the log-probability of opening a span (vs ending).
     """
 
-    def __init__(self, prompt: Prompt, fmt: AnswerFormat, ordered: bool = True) -> None:
+    def __init__(self, prompt: Prompt, fmt: AnswerFormat, ordered: bool = True, open_bias: float = 0.0) -> None:
         self.fmt = fmt
         self.ordered = ordered
+        self.open_bias = open_bias
         self.tokens: List[int] = []
         self.word_start: List[bool] = []
         self.word_end: List[bool] = []
@@ -91,6 +97,13 @@ class CopyConstraint:
                 nexts.add(fmt.close_ids[0])
             return list(nexts)
         return [fmt.end_id]
+
+    def bias(self) -> Optional[List[float]]:
+        """RETURNS (Optional[List[float]]): Offsets to add to the log-probabilities of
+        `allowed()`, or None for none."""
+        if self.open_bias and self.mode == OUTSIDE and self._can_open():
+            return [self.open_bias, 0.0]
+        return None
 
     def advance(self, token: int) -> None:
         """Move the automaton on by one generated token (which must be allowed)."""

@@ -35,6 +35,8 @@ class Constraint(Protocol):
 
     def allowed(self) -> List[int]: ...
 
+    def bias(self) -> Optional[List[float]]: ...
+
     def advance(self, token: int) -> None: ...
 
 
@@ -163,17 +165,7 @@ def generate_groups(
         raise ValueError(f"{len(constraints)} constraints for {n_rows} prompts.")
     if max_rows < 1 or max_new_tokens < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError("max_rows (batch_size), max_tokens and max_new_tokens must be >= 1.")
-    chunks: List[PromptGroup] = []  # groups cut to at most max_rows rows
-    first_row: List[int] = []
-    row = 0
-    for group in groups:
-        if any(len(s) == 0 for s in group.suffixes):
-            raise ValueError("Every prompt needs at least one token after its shared prefix.")
-        for start in range(0, len(group.suffixes), max_rows):
-            chunks.append(PromptGroup(group.prefix, group.suffixes[start : start + max_rows]))
-            first_row.append(row + start)
-        row += len(group.suffixes)
-    groups = chunks
+    groups, first_row = _chunks(groups, max_rows)
     decoder = _Decoder(model, end_id, pad_id, max_new_tokens, constraints, stats)
     order = sorted(range(len(groups)), key=lambda g: (-_width(groups[g]), g))
     pending: Deque[int] = deque(g for g in order if groups[g].suffixes)
@@ -190,6 +182,51 @@ def generate_groups(
         if running is not None:
             running = decoder.step(running)
     return decoder.results(n_rows)
+
+
+def first_logprobs(
+    model: Any,
+    groups: Sequence[PromptGroup],
+    tokens: Sequence[int],
+    *,
+    pad_id: int,
+    max_rows: int = 64,
+    max_tokens: Optional[int] = 8192,
+) -> torch.Tensor:
+    """Log-probabilities of some tokens as the first generated token of each prompt:
+    prefill only (shared prefixes computed once), no decoding.
+
+    tokens (Sequence[int]): The token ids to score.
+    RETURNS (torch.Tensor): (n_prompts, len(tokens)) float32 on the CPU, rows in the
+        order of the groups' suffixes.
+    """
+    n_rows = sum(len(g.suffixes) for g in groups)
+    chunks, first_row = _chunks(groups, max_rows)
+    decoder = _Decoder(model, -1, pad_id, 1, None, None)
+    pending: Deque[int] = deque(sorted(range(len(chunks)), key=lambda g: (-_width(chunks[g]), g)))
+    index = torch.tensor(list(tokens), device=decoder.device)
+    out = torch.zeros(n_rows, len(tokens))
+    while pending:
+        admitted = _admit(chunks, pending, max_rows, max_tokens, must_take=True)
+        run = decoder.prefill([chunks[g] for g in admitted], [first_row[g] for g in admitted])
+        scores = torch.log_softmax(run.logits.float(), dim=-1)[:, index].cpu()
+        out[torch.tensor(run.rows)] = scores
+    return out
+
+
+def _chunks(groups: Sequence[PromptGroup], max_rows: int) -> "tuple[List[PromptGroup], List[int]]":
+    """Cut groups to at most `max_rows` rows. RETURNS: the chunks and each one's first row."""
+    chunks: List[PromptGroup] = []
+    first_row: List[int] = []
+    row = 0
+    for group in groups:
+        if any(len(s) == 0 for s in group.suffixes):
+            raise ValueError("Every prompt needs at least one token after its shared prefix.")
+        for start in range(0, len(group.suffixes), max_rows):
+            chunks.append(PromptGroup(group.prefix, group.suffixes[start : start + max_rows]))
+            first_row.append(row + start)
+        row += len(group.suffixes)
+    return chunks, first_row
 
 
 def _width(group: PromptGroup) -> int:
@@ -373,6 +410,10 @@ def _choose(logits: torch.Tensor, constraints: Optional[List[Constraint]]) -> "t
         index = torch.tensor([a + [a[0]] * (width - len(a)) for a in allowed], device=logits.device)
         valid = torch.tensor([[True] * len(a) + [False] * (width - len(a)) for a in allowed], device=logits.device)
         scores = logp.gather(1, index).masked_fill(~valid, float("-inf"))
+        biases = [c.bias() for c in constraints]
+        if any(b is not None for b in biases):
+            offsets = [b + [0.0] * (width - len(b)) if b is not None else [0.0] * width for b in biases]
+            scores = scores + torch.tensor(offsets, device=logits.device, dtype=scores.dtype)
         best = index.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(1)
     chosen = logp.gather(1, best.unsqueeze(1)).squeeze(1)
     return best.tolist(), chosen.tolist()

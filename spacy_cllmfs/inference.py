@@ -40,6 +40,8 @@ class DecodingSettings:
         prompt is computed whole, in fixed batches: the path before prefix sharing).
     max_batch_tokens (int): The most prompt tokens prefilled in one forward pass.
     refill (bool): Let waiting prompts join the batch as others finish.
+    open_bias (float): With `constrained`, added to the log-probability of opening a
+        span wherever the answer may open one or end (see `calibration`).
     """
 
     batch_size: int = 32
@@ -49,12 +51,17 @@ class DecodingSettings:
     shared_prefix: bool = True
     max_batch_tokens: int = 8192
     refill: bool = True
+    open_bias: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"cllmfs_ner: `{name}` must be an integer >= 1, got {value!r}.")
+        if isinstance(self.open_bias, bool) or not isinstance(self.open_bias, (int, float)) or not math.isfinite(
+            self.open_bias
+        ):
+            raise ValueError(f"cllmfs_ner: `open_bias` must be a finite number, got {self.open_bias!r}.")
 
 
 @dataclass
@@ -125,7 +132,7 @@ def decode(
     prompts = [p for task in tasks for p in task.prompts]
     constraints: List[Optional[CopyConstraint]] = [None] * len(prompts)
     if settings.constrained:
-        constraints = [CopyConstraint(p, fmt, settings.ordered_spans) for p in prompts]
+        constraints = [CopyConstraint(p, fmt, settings.ordered_spans, settings.open_bias) for p in prompts]
     common = dict(
         end_id=fmt.end_id,
         pad_id=pad_id,

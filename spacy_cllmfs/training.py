@@ -33,6 +33,7 @@ from .losses import (
     fgm_delta,
     lm_loss,
 )
+from .negatives import NEGATIVE_SAMPLING, LabelCooccurrence, choose_negatives, negatives_for
 from .prompts import Prompt, PromptBuilder
 
 
@@ -47,8 +48,12 @@ class TrainingSettings:
     temperature (float): InfoNCE temperature.
     max_negatives (int): Negatives per prompt: the tokens next to each boundary first,
         then other tokens outside the label's entities.
-    negative_ratio (float): Fraction of (sentence, label) prompts without an entity that
-        are trained on (they teach the model to answer "nothing").
+    negatives_per_positive (Optional[float]): Prompts without an entity (they teach the
+        model to answer "nothing") per prompt with one, per sentence window; a window
+        without entities counts as one positive. None trains on every absent label
+        (the paper's setting, which collapses to "nothing" as the label count grows).
+    negative_sampling (str): Which absent labels: "confusable" (labels that co-occur
+        with the window's labels in the training data come first) or "uniform".
     answer_only_loss (bool): Compute the LM loss on the answer tokens only.
     fgm_epsilon (float): Size of the FGM adversarial perturbation of the input
         embeddings (0 turns it off).
@@ -68,7 +73,8 @@ class TrainingSettings:
     contrastive_loss: str = "infonce"
     temperature: float = 0.1
     max_negatives: int = 8
-    negative_ratio: float = 1.0
+    negatives_per_positive: Optional[float] = 1.0
+    negative_sampling: str = "confusable"
     answer_only_loss: bool = True
     fgm_epsilon: float = 0.0
     micro_batch_size: int = 8
@@ -76,6 +82,7 @@ class TrainingSettings:
     gradient_checkpointing: bool = False
     shared_prefix: bool = True
     seed: int = 0
+    retired: Optional[str] = None  # set by retired registered versions: training raises it
 
     def __post_init__(self) -> None:
         checks = [
@@ -83,7 +90,11 @@ class TrainingSettings:
             (self.contrastive_loss in CONTRASTIVE_LOSSES, f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.max_negatives >= 1, "max_negatives must be >= 1"),
-            (0.0 <= self.negative_ratio <= 1.0, "negative_ratio must be in [0, 1]"),
+            (
+                self.negatives_per_positive is None or self.negatives_per_positive >= 0,
+                "negatives_per_positive must be >= 0 (or null for every absent label)",
+            ),
+            (self.negative_sampling in NEGATIVE_SAMPLING, f"negative_sampling must be one of {NEGATIVE_SAMPLING}"),
             (self.fgm_epsilon >= 0, "fgm_epsilon must be >= 0"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.contrastive_layer != 0, "contrastive_layer 0 is the embedding layer; use 1..n_layers"),
@@ -112,6 +123,53 @@ class TrainingSettings:
         )
 
 
+@registry.misc("spacy_cllmfs.training.v2")
+def training_v2(
+    contrastive_weight: float = 0.1,
+    contrastive_layer: Optional[int] = None,
+    contrastive_loss: str = "infonce",
+    temperature: float = 0.1,
+    max_negatives: int = 8,
+    negatives_per_positive: Optional[float] = 1.0,
+    negative_sampling: str = "confusable",
+    answer_only_loss: bool = True,
+    fgm_epsilon: float = 0.0,
+    micro_batch_size: int = 8,
+    mixed_precision: bool = True,
+    gradient_checkpointing: bool = False,
+    shared_prefix: bool = True,
+    seed: int = 0,
+) -> TrainingSettings:
+    """Registered training settings of `cllmfs_ner` (see `TrainingSettings`)."""
+    return TrainingSettings(
+        contrastive_weight=contrastive_weight,
+        contrastive_layer=contrastive_layer,
+        contrastive_loss=contrastive_loss,
+        temperature=temperature,
+        max_negatives=max_negatives,
+        negatives_per_positive=negatives_per_positive,
+        negative_sampling=negative_sampling,
+        answer_only_loss=answer_only_loss,
+        fgm_epsilon=fgm_epsilon,
+        micro_batch_size=micro_batch_size,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+        shared_prefix=shared_prefix,
+        seed=seed,
+    )
+
+
+RETIRED_V1 = (
+    "spacy_cllmfs.training.v1 and its `negative_ratio` (the share of all absent-label "
+    "prompts to train on) were replaced by spacy_cllmfs.training.v2, whose "
+    "`negatives_per_positive` ties the number of empty prompts to the positives of each "
+    "sentence (with many labels, negative_ratio made the model answer \"nothing\" "
+    "everywhere). Fix: in [components.cllmfs_ner.training] set "
+    "@misc = \"spacy_cllmfs.training.v2\" and replace `negative_ratio = ...` with "
+    "`negatives_per_positive = 1.0` (or null for every absent label)."
+)
+
+
 @registry.misc("spacy_cllmfs.training.v1")
 def training_v1(
     contrastive_weight: float = 0.1,
@@ -128,14 +186,15 @@ def training_v1(
     shared_prefix: bool = True,
     seed: int = 0,
 ) -> TrainingSettings:
-    """Registered training settings of `cllmfs_ner` (see `TrainingSettings`)."""
-    return TrainingSettings(
+    """Retired training settings: pipelines saved with them still load and annotate,
+    but training with them raises an error that names spacy_cllmfs.training.v2."""
+    settings = training_v2(
         contrastive_weight=contrastive_weight,
         contrastive_layer=contrastive_layer,
         contrastive_loss=contrastive_loss,
         temperature=temperature,
         max_negatives=max_negatives,
-        negative_ratio=negative_ratio,
+        negatives_per_positive=None,
         answer_only_loss=answer_only_loss,
         fgm_epsilon=fgm_epsilon,
         micro_batch_size=micro_batch_size,
@@ -144,6 +203,8 @@ def training_v1(
         shared_prefix=shared_prefix,
         seed=seed,
     )
+    settings.retired = RETIRED_V1
+    return settings
 
 
 @dataclass
@@ -166,29 +227,43 @@ def make_items(
     labels: Sequence[LabelInfo],
     settings: TrainingSettings,
     rng: random.Random,
+    cooccurrence: Optional[LabelCooccurrence] = None,
 ) -> List[TrainingItem]:
-    """Turn gold examples into training prompts: one per sentence window and label.
+    """Turn gold examples into training prompts: per sentence window, one per label
+    with an entity there, and `settings.negatives_per_positive` times as many for
+    labels without one (see `negatives`). Entities that cross a window boundary
+    cannot be answered and are left out of that window's answers.
 
-    Prompts whose label has no entity in the window are kept with probability
-    `settings.negative_ratio`. Entities that cross a window boundary cannot be
-    answered and are left out of that window's answers.
+    cooccurrence (Optional[LabelCooccurrence]): Label co-occurrence of the training data,
+        for `negative_sampling = "confusable"` (None: this batch's).
+    RAISES (ValueError): If the settings come from a retired registered version.
     """
+    if settings.retired:
+        raise ValueError(settings.retired)
+    examples = list(examples)
+    if cooccurrence is None:
+        cooccurrence = LabelCooccurrence.from_examples(examples, [info.label for info in labels])
     items: List[TrainingItem] = []
     wanted = {info.label for info in labels}
     for example in examples:
         doc = example.reference
         gold = [ent for ent in doc.ents if ent.label_ in wanted]
         for window in windows(doc):
+            inside = [
+                (ent.label_, ent.start - window.start, ent.end - window.start)
+                for ent in gold
+                if ent.start >= window.start and ent.end <= window.end
+            ]
+            present = list(dict.fromkeys(label for label, _, _ in inside))
+            absent = [info.label for info in labels if info.label not in present]
+            n_negatives = negatives_for(len(present), settings.negatives_per_positive, len(absent), rng)
+            kept = set(present) | set(
+                choose_negatives(present, absent, n_negatives, rng, settings.negative_sampling, cooccurrence)
+            )
             pieces = builder.word_pieces(window)
-            prompts = builder.build(pieces, labels)
+            prompts = builder.build(pieces, [info for info in labels if info.label in kept])
             for prompt in prompts:
-                spans = [
-                    (ent.start - window.start, ent.end - window.start)
-                    for ent in gold
-                    if ent.label_ == prompt.label and ent.start >= window.start and ent.end <= window.end
-                ]
-                if not spans and rng.random() >= settings.negative_ratio:
-                    continue
+                spans = [(start, end) for label, start, end in inside if label == prompt.label]
                 answer = builder.answer_ids(prompt, spans)
                 targets = contrastive_targets(prompt, spans, settings.max_negatives, rng) if spans else None
                 items.append(TrainingItem(prompt, answer, targets))

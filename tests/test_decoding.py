@@ -152,6 +152,9 @@ class EndsAfter:
     def allowed(self):
         return [self.end_id] if self.steps >= self.n else [self.token]
 
+    def bias(self):
+        return None
+
     def advance(self, token):
         self.steps += 1
         self.done = token == self.end_id

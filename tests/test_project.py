@@ -24,7 +24,7 @@ def project_dir(tmp_path):
 def run_project(project_dir, tiny_model_path, *args):
     variables = {
         "crossner_dir": str(project_dir / "data"), "domain": "mini", "base_model": str(tiny_model_path),
-        "shots": 1, "steps": 4, "batch_size": 2, "dev_limit": 2, "test_limit": 3, "checkpoint_every": 2,
+        "shots": 1, "epochs": 2, "batch_size": 2, "dev_limit": 2, "test_limit": 3, "checkpoint_every": 2,
     }
     command = [sys.executable, "-m", "spacy", "project", "run", *args, str(project_dir)]
     command += [f"--vars.{k}={v}" for k, v in variables.items()]
@@ -37,12 +37,14 @@ def test_project_workflow_all(project_dir, tiny_model_path):
     run = project_dir / "training" / "mini-k1-s0"
     assert (run / "model-best" / "cllmfs_ner" / "adapter" / "adapter_model.safetensors").exists()
     assert (run / "checkpoint" / "cllmfs_ner" / "state.json").exists()
+    calibrated = json.loads((run / "model-calibrated" / "cllmfs_ner" / "cfg").read_text())
+    assert isinstance(calibrated["open_bias"], float) and "open_bias = " in result.stdout
     metrics = json.loads((project_dir / "metrics" / "mini-k1-s0.json").read_text())
     assert {"ents_p", "ents_r", "ents_f", "ents_per_type"} <= set(metrics)
     packages = list((project_dir / "packages").rglob("*.tar.gz"))
     assert packages, result.stdout[-2000:]
     assert "E    #" in result.stdout  # spaCy's training table
-    result = run_project(project_dir, tiny_model_path, "annotate")  # the test split, with model-best
+    result = run_project(project_dir, tiny_model_path, "annotate")  # the test split, calibrated model-best
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     from spacy_cllmfs.annotate import iter_records
 

@@ -30,7 +30,7 @@ def make_examples(nlp):
 
 def make_nlp(tiny_model_config, **training):
     nlp = spacy.blank("en")
-    settings = {"@misc": "spacy_cllmfs.training.v1", "micro_batch_size": 4, **training}
+    settings = {"@misc": "spacy_cllmfs.training.v2", "micro_batch_size": 4, **training}
     nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config, "training": settings, "max_new_tokens": 16})
     return nlp
 
@@ -53,20 +53,41 @@ def test_initialize_takes_labels_from_the_examples(tiny_model_config):
 
 
 def test_training_prompts_answers_and_negatives(tiny_model_config):
-    nlp = make_nlp(tiny_model_config)
+    nlp = make_nlp(tiny_model_config, negatives_per_positive=None)
     examples = make_examples(nlp)
     nlp.initialize(lambda: examples)
     ner = nlp.get_pipe("cllmfs_ner")
     items = ner.training_items(examples)
-    assert len(items) == len(GOLD) * 2  # every (sentence, label), negative_ratio = 1
+    assert len(items) == len(GOLD) * 2  # every (sentence, label): negatives_per_positive = None
     answers = [ner.builder.decode(item.answer) for item in items]
     assert answers[0] == " <<< Paris >>><|im_end|>"  # location of sentence 0
     assert answers[1] == " <<< Barack Obama >>><|im_end|>"
     assert answers[3] == " <<< Angela Merkel >>> <<< Marie Curie >>><|im_end|>"
     assert answers[4] == "<|im_end|>"  # no location in sentence 2
-    ner.training.negative_ratio = 0.0
+    ner.training.negatives_per_positive = 0.0
     positives = ner.training_items(examples)
     assert len(positives) == 6 and all(item.targets is not None for item in positives)
+    # the default: one empty prompt per positive one, and one for a sentence without entities
+    ner.training.negatives_per_positive = 1.0
+    items = ner.training_items(examples)
+    assert len(items) == 7
+    assert [ner.builder.decode(item.answer) for item in items].count("<|im_end|>") == 1
+
+
+def test_retired_training_settings_load_but_do_not_train(tiny_model_config, tmp_path):
+    """A config with spacy_cllmfs.training.v1 (negative_ratio) still loads and annotates;
+    training it raises an error that names what replaced it."""
+    nlp = spacy.blank("en")
+    nlp.add_pipe("cllmfs_ner", config={
+        "model": tiny_model_config, "labels": ["person"], "max_new_tokens": 4,
+        "training": {"@misc": "spacy_cllmfs.training.v1", "negative_ratio": 0.5},
+    })
+    nlp("Barack Obama visited Paris .")
+    examples = make_examples(nlp)
+    with pytest.raises(ValueError, match=r"negatives_per_positive.*spacy_cllmfs.training.v2|training.v2.*negatives_per_positive"):
+        nlp.initialize(lambda: examples)
+    with pytest.raises(ValueError, match="negative_ratio"):
+        nlp.get_pipe("cllmfs_ner").training_items(examples)
 
 
 def test_contrastive_positions(tiny_model_config):
@@ -180,7 +201,7 @@ def test_fgm_adds_an_adversarial_pass(tiny_model_config):
 
 
 def test_bad_training_settings():
-    for bad in ({"negative_ratio": 2.0}, {"temperature": 0.0}, {"contrastive_loss": "x"},
+    for bad in ({"negatives_per_positive": -1.0}, {"negative_sampling": "hard"}, {"temperature": 0.0}, {"contrastive_loss": "x"},
                 {"micro_batch_size": 0}, {"contrastive_layer": 0}):
         with pytest.raises(ValueError, match="training settings"):
             TrainingSettings(**bad)
@@ -247,7 +268,7 @@ def test_shared_prefix_training_equals_unshared(tiny_model_config, template, con
     results = []
     for shared in (False, True):
         nlp = spacy.blank("en")
-        settings = {"@misc": "spacy_cllmfs.training.v1", "micro_batch_size": 5, "shared_prefix": shared,
+        settings = {"@misc": "spacy_cllmfs.training.v2", "micro_batch_size": 5, "shared_prefix": shared,
                     "contrastive_weight": contrastive_weight}
         nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config, "training": settings,
                                            "prompt": {"@misc": template}, "max_new_tokens": 16})
