@@ -4,7 +4,7 @@
 # Resumable: each call continues where the last stopped, and stops starting new runs
 # after TIME_BUDGET minutes, so it fits short device calls. Run it again until quality.py
 # says "Matrix complete", then `python bench/table.py` updates the README.
-#   MODEL_GGUF=/root/stage/files/qwen2.5-coder-1.5b-instruct.gguf DATA=/root/stage/crossner bash bench/gpu_matrix.sh
+#   MODEL_GGUF=bench/work/models/qwen2.5-coder-1.5b-instruct.gguf DATA=../shared/data/crossner bash bench/gpu_matrix.sh
 # Get the GGUF with `python bench/get_model.py qwen2.5-coder-1.5b-instruct DIR` (and see
 # ../shared/gpu/README.md for carrying wheels, model and data to a machine without internet).
 set -euo pipefail
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 : "${MODEL_GGUF:?set MODEL_GGUF to the .gguf file}"
 : "${DATA:?set DATA to the CrossNER folder}"
 TIME_BUDGET=${TIME_BUDGET:-8}
-STAGE=${STAGE:-/root/stage}
+STAGE=${STAGE:-bench/work}  # where the dequantized copy is kept (gitignored)
 name=$(basename "$MODEL_GGUF" .gguf)
 folder="$STAGE/$name-bf16"
 # dequantizing a GGUF takes about a minute: do it once and keep a safetensors copy
