@@ -21,7 +21,7 @@ if [ ! -f "$folder/config.json" ]; then
 fi
 # most important first: politics K=5 cllmfs, its baselines, the other domains, then K=20 and extra seeds
 python bench/quality.py --data "$DATA" --profile gpu --model "$folder" --device cuda:0 \
-  --systems cllmfs,spacy_ner,spacy_llm,cllmfs_lora,cllmfs_sentence_first,cllmfs_transfer \
+  --systems cllmfs,spacy_ner,spacy_llm,cllmfs_lora,cllmfs_general,cllmfs_sentence_first,cllmfs_transfer \
   --time-budget "$TIME_BUDGET" --output "bench/results/quality-gpu-$name.json"
 if [ "${SPEED:-0}" = 1 ]; then  # a separate call: one generate() per prompt is slow (~1 prompt/s)
   python bench/speed.py --data "$DATA" --domain politics --limit 50 --model "$folder" --device cuda:0 \

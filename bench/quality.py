@@ -12,6 +12,10 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
   cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
   cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
   cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
+  cllmfs_general   cllmfs_ner first trained on a general mix: CoNLL-2003 plus the CrossNER
+                   domains other than the target (`general_size` sentences, each prompted
+                   with its own corpus's labels), then few-shot; `extra_general_sizes`
+                   adds runs at other mix sizes (the size sweep)
   cllmfs_sentence_first  cllmfs with the sentence-first template (spacy_cllmfs.prompt.v2)
 
 The cllmfs systems train with the component's default recipe (spacy_cllmfs.training.v2:
@@ -30,13 +34,14 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import spacy
 import torch
@@ -47,19 +52,21 @@ from spacy.util import registry
 
 from spacy_cllmfs.adapters import AdapterState
 from spacy_cllmfs.corpora import read_conll
-from spacy_cllmfs.labels import default_description
+from spacy_cllmfs.labels import default_description, set_annotated_labels
 from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated
 from spacy_cllmfs.models import HFCausalLM
 from spacy_cllmfs.sampling import greedy_k_shot, label_counts
 from spacy_cllmfs.spacy_llm import SpacyLLMModel, write_ner_v3_examples
 
-SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_sentence_first")
+SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_general",
+           "cllmfs_sentence_first")
 SYSTEM_NAMES = {
     "spacy_ner": "spaCy NER (CPU config)",
     "spacy_llm": "spacy-llm NER.v3, in-context shots",
     "cllmfs_lora": "cllmfs_ner, LoRA only",
     "cllmfs": "cllmfs_ner, LoRA + contrastive",
     "cllmfs_transfer": "cllmfs_ner, CoNLL-2003 -> domain",
+    "cllmfs_general": "cllmfs_ner, general mix -> domain",
     "cllmfs_sentence_first": "cllmfs_ner, sentence-first prompt (v2)",
 }
 DOMAINS = ("politics", "science", "music", "literature")
@@ -71,7 +78,9 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "model": "embedded", "shots": [5], "seeds": [0], "extra_seeds": {}, "test_limit": 40,
         "epochs": 5, "batch_size": 4, "learn_rate": 1e-3, "negatives_per_positive": 1.0,
         "negative_sampling": "confusable", "dev_limit": 20, "dev_evals": 2, "calibrate": True,
+        "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 200, "source_epochs": 1,
+        "general_size": 250, "extra_general_sizes": {"politics": [100, 500, 1000]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
     },
     # the real-model CPU matrix: Qwen2.5-Coder-1.5B-Instruct (bench/get_model.py), K=5 on the
@@ -80,7 +89,9 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "model": None, "shots": [5], "extra_shots": {"politics": [20]}, "seeds": [0], "extra_seeds": {},
         "test_limit": 100, "epochs": 5, "batch_size": 4, "learn_rate": 3e-4, "negatives_per_positive": 1.0,
         "negative_sampling": "confusable", "dev_limit": 30, "dev_evals": 2, "calibrate": True,
+        "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 500, "source_epochs": 1,
+        "general_size": 1000, "extra_general_sizes": {"politics": [250, 500]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
@@ -88,7 +99,9 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "model": None, "shots": [5, 20], "seeds": [0], "extra_seeds": {"politics": [1, 2]}, "test_limit": 300,
         "epochs": 10, "batch_size": 4, "learn_rate": 5e-4, "negatives_per_positive": 1.0,
         "negative_sampling": "confusable", "dev_limit": 50, "dev_evals": 3, "calibrate": True,
+        "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 2000, "source_epochs": 2,
+        "general_size": 4000, "extra_general_sizes": {"politics": [1000]}, "general_epochs": 2,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
     },
 }
@@ -150,7 +163,9 @@ def cllmfs_nlp(settings: Dict[str, Any], contrastive_weight: float, prompt: str 
         "training": {"@misc": "spacy_cllmfs.training.v2", "contrastive_weight": contrastive_weight,
                      "micro_batch_size": settings["micro_batch_size"],
                      "negatives_per_positive": settings["negatives_per_positive"],
-                     "negative_sampling": settings["negative_sampling"]},
+                     "negative_sampling": settings["negative_sampling"],
+                     "contrastive_negatives": settings["contrastive_negatives"],
+                     "contrastive_center": settings["contrastive_center"]},
     })
     return nlp
 
@@ -243,19 +258,90 @@ def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Lang
     return state
 
 
-def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str]) -> List[tuple]:
-    """The runs (domain, K, seed, system) in order of importance, so that a short time
-    budget still yields the rows that matter: the first K and seed on every domain first
-    (domains and systems in the order given), then extra shots and seeds."""
-    first = [(d, settings["shots"][0], settings["seeds"][0], s) for d in domains for s in systems]
+class Run(NamedTuple):
+    """One run of the matrix; `size` is the general mix size of a cllmfs_general run."""
+
+    domain: str
+    k: int
+    seed: int
+    system: str
+    size: Optional[int] = None
+
+    @property
+    def key(self) -> str:
+        """The run's key in the results file."""
+        key = f"{self.system}|{self.domain}|k{self.k}|s{self.seed}"
+        return key if self.size is None else f"{key}|n{self.size}"
+
+
+def general_docs(data: Path, target: str, size: int, vocab: Any) -> List[Doc]:
+    """The general NER mix for a target domain: CoNLL-2003 and the CrossNER domains
+    other than `target` (nothing of the target leaks), `size` training sentences with
+    entities in all: an equal share per source, up to what it has, CoNLL-2003 filling
+    the rest, in a fixed random order. Each Doc declares its own corpus's labels
+    (`set_annotated_labels`), so a music sentence never teaches "no politician here".
+    """
+    sources = ["conll2003"] + [d for d in DOMAINS if d != target and (data / d).exists()]
+    share = size // len(sources)
+    mix: List[Doc] = []
+    for name in sources[1:] + sources[:1]:
+        docs = [doc for doc in read_conll(data / name / "train.txt", vocab) if len(doc.ents)]
+        labels = sorted(label_counts(docs))
+        random.Random(0).shuffle(docs)
+        taken = docs[: size - len(mix)] if name == "conll2003" else docs[:share]
+        for doc in taken:
+            set_annotated_labels(doc, labels)
+        mix.extend(taken)
+    random.Random(0).shuffle(mix)
+    return mix
+
+
+def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language, target: str,
+                    size: int) -> Tuple[AdapterState, Dict[str, Any]]:
+    """Train (once) or load the general adapter for a target domain and mix size.
+
+    RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
+    """
+    folder = args.work / f"general-{settings['model_tag']}-{target}-n{size}-e{settings['general_epochs']}"
+    if (folder / "adapter_config.json").exists():
+        return AdapterState.from_disk(folder), json.loads((folder / "training.json").read_text())
+    docs = general_docs(args.data, target, size, nlp.vocab)
+    labels = sorted({ent.label_ for doc in docs for ent in doc.ents})
+    print(f"Training the general adapter for {target} on {len(docs)} sentences ({labels})", flush=True)
+    info = train_cllmfs(nlp, docs, labels, settings["general_epochs"], settings, None, seed=0)
+    info.update(sentences=len(docs), labels=labels)
+    state = nlp.get_pipe("cllmfs_ner").model.adapter_state()
+    state.to_disk(folder)
+    write_json(folder / "training.json", info)
+    return state, info
+
+
+def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str]) -> List[Run]:
+    """The runs in order of importance, so that a short time budget still yields the
+    rows that matter: the first K and seed on every domain first (domains and systems
+    in the order given), then extra shots and seeds, then the other general mix sizes."""
+    def sized(domain: str, k: int, seed: int, system: str) -> Run:
+        return Run(domain, k, seed, system, settings["general_size"] if system == "cllmfs_general" else None)
+
+    k0, seed0 = settings["shots"][0], settings["seeds"][0]
+    first = [sized(d, k0, seed0, s) for d in domains for s in systems]
     rest = [
-        (d, k, seed, s)
+        sized(d, k, seed, s)
         for d in domains
         for k in settings["shots"] + settings.get("extra_shots", {}).get(d, [])
         for seed in settings["seeds"] + settings["extra_seeds"].get(d, [])
         for s in systems
     ]
-    return first + [run for run in rest if run not in first]
+    sweep = [
+        Run(d, k0, seed0, "cllmfs_general", size)
+        for d in domains if "cllmfs_general" in systems
+        for size in settings.get("extra_general_sizes", {}).get(d, [])
+    ]
+    ordered: List[Run] = []
+    for run in first + rest + sweep:
+        if run not in ordered:
+            ordered.append(run)
+    return ordered
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -305,8 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     runs = results.setdefault("runs", {})
     recorded = results.get("settings")
     if recorded is not None:
+        # a setting the file does not know yet is new to the bench: no recorded run used it
         changed = sorted(k for k in set(recorded) | set(settings)
-                         if k != "model_parameters" and recorded.get(k) != settings.get(k))
+                         if k != "model_parameters" and k in recorded and recorded.get(k) != settings.get(k))
         if changed:
             parser.error(f"{args.output} holds runs made with other settings ({', '.join(changed)}); "
                          "continuing it would mix them. Fix: write to a new --output.")
@@ -328,8 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     source: Optional[AdapterState] = None
     domains: Dict[str, Domain] = {}
     shots_of: Dict[Any, List[Doc]] = {}
-    for domain_name, k, seed, system in plan(settings, [d for d in args.domains.split(",") if d], systems):
-        key = f"{system}|{domain_name}|k{k}|s{seed}"
+    for run in plan(settings, [d for d in args.domains.split(",") if d], systems):
+        domain_name, k, seed, system, size = run
+        key = run.key
         if key in runs:
             continue
         if args.time_budget and time.time() - began > 60 * args.time_budget:
@@ -352,17 +440,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             weight = 0.0 if system == "cllmfs_lora" else 0.1
             prompt = "spacy_cllmfs.prompt.v2" if system == "cllmfs_sentence_first" else "spacy_cllmfs.prompt.v1"
             model_nlp = cllmfs_nlp(settings, weight, prompt)
-            start = None
+            start, general = None, None
             if system == "cllmfs_transfer":
                 source = source or source_adapter(args, settings, model_nlp)
                 start = source
+            elif system == "cllmfs_general":
+                start, general = general_adapter(args, settings, model_nlp, domain_name, size)
             result = train_cllmfs(model_nlp, shots, domain.labels, settings["epochs"], settings, start, seed,
                                   dev=domain.dev[: settings["dev_limit"]])
             result.update(score(model_nlp, domain.test))
+            if general is not None:
+                result["general_adapter"] = general
         runs[key] = {
             **result, "system": system, "domain": domain_name, "k": k, "seed": seed,
             "train_sentences": len(shots), "test_sentences": len(domain.test),
             "wall_s": time.time() - begin, "model": settings["model"],
+            **({} if size is None else {"general_sentences": size}),
         }
         print(f"   ents_f={result['ents_f']:.4f} train {result['train_s']:.0f}s infer "
               f"{result['infer_s']:.0f}s", flush=True)
@@ -373,10 +466,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def summarize(runs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Mean and standard deviation of ents_f over seeds, per system/domain/K."""
+    """Mean and standard deviation of ents_f over seeds, per system/domain/K (and general
+    mix size: `...|n500`)."""
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for run in runs.values():
-        groups.setdefault(f"{run['system']}|{run['domain']}|k{run['k']}", []).append(run)
+        size = f"|n{run['general_sentences']}" if "general_sentences" in run else ""
+        groups.setdefault(f"{run['system']}|{run['domain']}|k{run['k']}{size}", []).append(run)
     summary = {}
     for key, members in groups.items():
         values = [100 * m["ents_f"] for m in members]

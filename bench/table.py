@@ -26,10 +26,12 @@ def quality_table(results: Dict[str, Any]) -> str:
     )
     header = ["system"] + [f"{d} K={k}" for d, k in columns] + ["train s", "infer s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    general = results.get("settings", {}).get("general_size")
     for system in SYSTEMS:
         cells, train, infer = [], [], []
+        size = f"|n{general}" if system == "cllmfs_general" and general else ""
         for domain, k in columns:
-            entry = summary.get(f"{system}|{domain}|k{k}")
+            entry = summary.get(f"{system}|{domain}|k{k}{size}")
             if entry is None:
                 cells.append("-")
                 continue
@@ -38,7 +40,8 @@ def quality_table(results: Dict[str, Any]) -> str:
             train.append(entry["train_s"])
             infer.append(entry["infer_s"])
         times = [f"{sum(train) / len(train):.0f}", f"{sum(infer) / len(infer):.0f}"] if train else ["-", "-"]
-        lines.append(f"| {SYSTEM_NAMES[system]} | " + " | ".join(cells + times) + " |")
+        name = SYSTEM_NAMES[system] + (f" (n={general})" if size else "")
+        lines.append(f"| {name} | " + " | ".join(cells + times) + " |")
     published = [f"{GLINER_PUBLISHED[d]:.1f}†" if d in GLINER_PUBLISHED else "-" for d, _ in columns]
     lines.append("| GLiNER-L zero-shot (published, not measured) | " + " | ".join(published + ["-", "-"]) + " |")
     return "\n".join(lines)
@@ -78,6 +81,31 @@ def speed_table(results: Dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def general_size_table(results: Dict[str, Any]) -> str:
+    """F1 against the size of the general mix (0: few-shot only, the cllmfs row), for the
+    domains and K where cllmfs_general ran at more than one size; "" if none did."""
+    summary = summarize(results["runs"])
+    sizes: Dict[tuple, Dict[int, float]] = {}
+    for run in results["runs"].values():
+        if run["system"] == "cllmfs_general":
+            entry = summary[f"cllmfs_general|{run['domain']}|k{run['k']}|n{run['general_sentences']}"]
+            sizes.setdefault((run["domain"], run["k"]), {})[run["general_sentences"]] = entry["mean"]
+    swept = {column: by_size for column, by_size in sizes.items() if len(by_size) > 1}
+    if not swept:
+        return ""
+    lines = ["| domain | K | general sentences | F1 | general adapter train s |", "|---|---|---|---|---|"]
+    for (domain, k), by_size in sorted(swept.items()):
+        base = summary.get(f"cllmfs|{domain}|k{k}")
+        if base is not None:
+            lines.append(f"| {domain} | {k} | 0 (few-shot only) | {base['mean']:.1f} | - |")
+        for size, f1 in sorted(by_size.items()):
+            run = next(r for r in results["runs"].values() if r["system"] == "cllmfs_general"
+                       and (r["domain"], r["k"], r["general_sentences"]) == (domain, k, size))
+            train = run.get("general_adapter", {}).get("train_s")
+            lines.append(f"| {domain} | {k} | {size} | {f1:.1f} | {f'{train:.0f}' if train else '-'} |")
+    return "\n".join(lines)
+
+
 def _rate(value: float) -> str:
     """Two decimals, or three significant digits for slow rates (0.0243, not 0.02)."""
     return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
@@ -105,6 +133,10 @@ def section(results_dir: Path) -> str:
         results = json.loads(path.read_text())
         parts += [f"### Few-shot F1 (spaCy ents_f x 100): `{_shown(path)}`", "", describe(results), "",
                   quality_table(results), ""]
+        sweep = general_size_table(results)
+        if sweep:
+            parts += ["F1 against the size of the general mix (CoNLL-2003 + the other CrossNER domains) "
+                      "the adapter saw before the K shots:", "", sweep, ""]
     for path in sorted(results_dir.glob("speed-*.json")):
         results = json.loads(path.read_text())
         parts += [f"### Annotation speed: `{_shown(path)}`", "", speed_description(results), "",

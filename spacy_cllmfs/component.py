@@ -30,6 +30,7 @@ from .calibration import Calibration, decision_margins, fit_open_bias
 from .decoding import DecodingStats
 from .inference import DecodingSettings, WindowPrompts, doc_windows, find_candidates, make_prompts, window_budget
 from .labels import LabelInfo, label_infos, validate_labels
+from .loop import unannotated
 from .models import HFCausalLM
 from .negatives import LabelCooccurrence
 from .prompts import PromptBuilder, PromptTemplate
@@ -408,8 +409,7 @@ class CLLMFSNer(TrainablePipe):
 
     def _ents_f(self, gold: Sequence[Doc]) -> float:
         """RETURNS (float): This component's entity F1 on gold docs (annotated afresh)."""
-        blank = [Doc(self.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc]) for doc in gold]
-        predicted = list(self.pipe(blank))
+        predicted = list(self.pipe(unannotated(self, doc) for doc in gold))
         return float(get_ner_prf([Example(p, g) for p, g in zip(predicted, gold)])["ents_f"] or 0.0)
 
     def set_annotations(self, docs: Iterable[Doc], candidates: List[List[Candidate]]) -> None:

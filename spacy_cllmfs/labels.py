@@ -3,6 +3,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
+from spacy.tokens import Doc
+
 # normalized label -> (name shown in the prompt, description)
 KNOWN_LABELS: Dict[str, Tuple[str, str]] = {
     # CoNLL-2003 / WikiNER short forms
@@ -144,3 +146,32 @@ def label_infos(
         )
         for label in labels
     ]
+
+
+# Doc.user_data key: the labels a training Doc is annotated for (see `annotated_labels`)
+ANNOTATED_LABELS = "cllmfs_labels"
+
+
+def set_annotated_labels(doc: Doc, labels: Iterable[str]) -> None:
+    """Declare which labels `doc` is annotated for, when that is fewer than the
+    component's: a CoNLL-2003 sentence in a general training mix is annotated for
+    PER/LOC/ORG/MISC only, so it must not teach "no politician here". Training
+    prompts such a Doc with its own labels only. Kept by DocBin (user data).
+    """
+    doc.user_data[ANNOTATED_LABELS] = validate_labels(labels)
+
+
+def annotated_labels(doc: Doc) -> Optional[List[str]]:
+    """RETURNS (Optional[List[str]]): The labels `doc` declares it is annotated for,
+        or None: annotated for all of the component's labels.
+    RAISES (ValueError): If the declaration is not a list of label strings.
+    """
+    labels = doc.user_data.get(ANNOTATED_LABELS)
+    if labels is None:
+        return None
+    if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
+        raise ValueError(
+            f"Doc.user_data['{ANNOTATED_LABELS}'] is {labels!r}, not a list of labels. "
+            "Fix: set it with spacy_cllmfs.labels.set_annotated_labels(doc, ['person', ...])."
+        )
+    return validate_labels(labels)

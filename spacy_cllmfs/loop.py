@@ -139,9 +139,11 @@ def fit_select(
     return selection
 
 
-def unannotated(nlp: Language, doc: Doc) -> Doc:
-    """RETURNS (Doc): A Doc with the same tokens as `doc` and no annotation."""
-    return Doc(nlp.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc])
+def unannotated(owner: Any, doc: Doc) -> Doc:
+    """owner (Any): What holds the vocab to use: a Language or a pipeline component.
+    RETURNS (Doc): A Doc with the same tokens as `doc` and no annotation.
+    """
+    return Doc(owner.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc])
 
 
 def as_examples(nlp: Language, docs: Iterable[Doc]) -> List[Example]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 CONTRASTIVE_LOSSES = ("infonce", "pairwise")
+CONTRASTIVE_NEGATIVES = ("boundary", "other_types")
 
 
 @dataclass
@@ -51,6 +52,7 @@ def contrastive_loss(
     temperature: float = 0.1,
     kind: str = "infonce",
     normalizer: Optional[float] = None,
+    center: bool = False,
 ) -> torch.Tensor:
     """Boundary contrastive loss over a batch.
 
@@ -61,6 +63,8 @@ def contrastive_loss(
         -log(exp(s+/t) / (exp(s+/t) + sum exp(s-/t))) with cosine similarities s;
         "pairwise": BANER's -log sigmoid(sum s+ - sum s-).
     normalizer (Optional[float]): Divide the summed terms by this instead of their number.
+    center (bool): Subtract the mean of the row's anchor, positive and negative states
+        before the cosines (removes the direction all of them share).
     RETURNS (torch.Tensor): The mean loss over positives ("infonce") or rows
         ("pairwise"); 0 if no row has positives and negatives.
     """
@@ -71,9 +75,13 @@ def contrastive_loss(
         if target is None or not target.anchor or not target.positives or not target.negatives:
             continue
         states = hidden[row].float()
-        anchor = F.normalize(states[target.anchor].mean(dim=0), dim=-1)
-        positives = F.normalize(states[target.positives], dim=-1) @ anchor
-        negatives = F.normalize(states[target.negatives], dim=-1) @ anchor
+        anchor = states[target.anchor].mean(dim=0)
+        chosen = [states[target.positives], states[target.negatives]]
+        if center:
+            mean = torch.cat([anchor.unsqueeze(0), *chosen]).mean(dim=0)
+            anchor, chosen = anchor - mean, [vectors - mean for vectors in chosen]
+        anchor = F.normalize(anchor, dim=-1)
+        positives, negatives = (F.normalize(vectors, dim=-1) @ anchor for vectors in chosen)
         if kind == "infonce":
             logits = torch.cat(
                 [positives.unsqueeze(1), negatives.unsqueeze(0).expand(len(positives), -1)], dim=1

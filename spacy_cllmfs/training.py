@@ -23,9 +23,10 @@ from spacy.util import registry
 
 from . import batching
 from .decoding import cache_kwarg, cache_of
-from .labels import LabelInfo
+from .labels import LabelInfo, annotated_labels
 from .losses import (
     CONTRASTIVE_LOSSES,
+    CONTRASTIVE_NEGATIVES,
     IGNORE_INDEX,
     ContrastiveTargets,
     contrastive_loss,
@@ -48,6 +49,12 @@ class TrainingSettings:
     temperature (float): InfoNCE temperature.
     max_negatives (int): Negatives per prompt: the tokens next to each boundary first,
         then other tokens outside the label's entities.
+    contrastive_negatives (str): Which negatives come first: "boundary" (the tokens
+        next to the label's entities) or "other_types" (the first and last tokens of
+        the window's entities of other labels, then the boundary tokens).
+    contrastive_center (bool): Subtract the mean of a prompt's anchor, positive and
+        negative states before the cosine similarities. LLM hidden states share a
+        large common direction, which makes all cosines similar; centering removes it.
     negatives_per_positive (Optional[float]): Prompts without an entity (they teach the
         model to answer "nothing") per prompt with one, per sentence window; a window
         without entities counts as one positive. None trains on every absent label
@@ -73,6 +80,8 @@ class TrainingSettings:
     contrastive_loss: str = "infonce"
     temperature: float = 0.1
     max_negatives: int = 8
+    contrastive_negatives: str = "boundary"
+    contrastive_center: bool = False
     negatives_per_positive: Optional[float] = 1.0
     negative_sampling: str = "confusable"
     answer_only_loss: bool = True
@@ -90,6 +99,10 @@ class TrainingSettings:
             (self.contrastive_loss in CONTRASTIVE_LOSSES, f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.max_negatives >= 1, "max_negatives must be >= 1"),
+            (
+                self.contrastive_negatives in CONTRASTIVE_NEGATIVES,
+                f"contrastive_negatives must be one of {CONTRASTIVE_NEGATIVES}",
+            ),
             (
                 self.negatives_per_positive is None or self.negatives_per_positive >= 0,
                 "negatives_per_positive must be >= 0 (or null for every absent label)",
@@ -132,6 +145,8 @@ def training_v2(
     max_negatives: int = 8,
     negatives_per_positive: Optional[float] = 1.0,
     negative_sampling: str = "confusable",
+    contrastive_negatives: str = "boundary",
+    contrastive_center: bool = False,
     answer_only_loss: bool = True,
     fgm_epsilon: float = 0.0,
     micro_batch_size: int = 8,
@@ -149,6 +164,8 @@ def training_v2(
         max_negatives=max_negatives,
         negatives_per_positive=negatives_per_positive,
         negative_sampling=negative_sampling,
+        contrastive_negatives=contrastive_negatives,
+        contrastive_center=contrastive_center,
         answer_only_loss=answer_only_loss,
         fgm_epsilon=fgm_epsilon,
         micro_batch_size=micro_batch_size,
@@ -232,7 +249,9 @@ def make_items(
     """Turn gold examples into training prompts: per sentence window, one per label
     with an entity there, and `settings.negatives_per_positive` times as many for
     labels without one (see `negatives`). Entities that cross a window boundary
-    cannot be answered and are left out of that window's answers.
+    cannot be answered and are left out of that window's answers. A Doc that
+    declares the labels it is annotated for (`labels.set_annotated_labels`) is
+    prompted with those of `labels` only.
 
     cooccurrence (Optional[LabelCooccurrence]): Label co-occurrence of the training data,
         for `negative_sampling = "confusable"` (None: this batch's).
@@ -244,9 +263,11 @@ def make_items(
     if cooccurrence is None:
         cooccurrence = LabelCooccurrence.from_examples(examples, [info.label for info in labels])
     items: List[TrainingItem] = []
-    wanted = {info.label for info in labels}
     for example in examples:
         doc = example.reference
+        own = annotated_labels(doc)
+        doc_labels = labels if own is None else [info for info in labels if info.label in own]
+        wanted = {info.label for info in doc_labels}
         gold = [ent for ent in doc.ents if ent.label_ in wanted]
         for window in windows(doc):
             inside = [
@@ -255,27 +276,46 @@ def make_items(
                 if ent.start >= window.start and ent.end <= window.end
             ]
             present = list(dict.fromkeys(label for label, _, _ in inside))
-            absent = [info.label for info in labels if info.label not in present]
+            absent = [info.label for info in doc_labels if info.label not in present]
             n_negatives = negatives_for(len(present), settings.negatives_per_positive, len(absent), rng)
             kept = set(present) | set(
                 choose_negatives(present, absent, n_negatives, rng, settings.negative_sampling, cooccurrence)
             )
             pieces = builder.word_pieces(window)
-            prompts = builder.build(pieces, [info for info in labels if info.label in kept])
+            prompts = builder.build(pieces, [info for info in doc_labels if info.label in kept])
             for prompt in prompts:
                 spans = [(start, end) for label, start, end in inside if label == prompt.label]
                 answer = builder.answer_ids(prompt, spans)
-                targets = contrastive_targets(prompt, spans, settings.max_negatives, rng) if spans else None
+                others = (
+                    [(start, end) for label, start, end in inside if label != prompt.label]
+                    if settings.contrastive_negatives == "other_types"
+                    else []
+                )
+                targets = contrastive_targets(prompt, spans, settings.max_negatives, rng, others) if spans else None
                 items.append(TrainingItem(prompt, answer, targets))
     return items
 
 
 def contrastive_targets(
-    prompt: Prompt, spans: Sequence[Tuple[int, int]], max_negatives: int, rng: random.Random
+    prompt: Prompt,
+    spans: Sequence[Tuple[int, int]],
+    max_negatives: int,
+    rng: random.Random,
+    others: Sequence[Tuple[int, int]] = (),
 ) -> Optional[ContrastiveTargets]:
-    """Anchor, positive and negative positions of one prompt (see `losses`)."""
+    """Anchor, positive and negative positions of one prompt (see `losses`).
+
+    spans (Sequence[Tuple[int, int]]): Word spans of the prompt label's entities.
+    others (Sequence[Tuple[int, int]]): Word spans of entities of other labels: their
+        first and last tokens are the first negatives.
+    """
     tokens = [pos for start, end in prompt.word_spans for pos in range(start, end)]
-    inside, positives, hard = set(), [], []
+    inside: set = set()
+    positives: List[int] = []
+    hard: List[int] = []
+    for start, end in others:
+        positions = [p for s, e in prompt.word_spans[start:end] for p in range(s, e)]
+        hard.extend(sorted({positions[0], positions[-1]}) if positions else [])
     for start, end in spans:
         positions = [p for s, e in prompt.word_spans[start:end] for p in range(s, e)]
         if not positions:
@@ -415,45 +455,89 @@ def collate_shared(groups: Sequence[Sequence[TrainingItem]], pad_id: int, device
     )
 
 
+def decoder_layers(model: Any) -> Optional[torch.nn.ModuleList]:
+    """RETURNS (Optional[torch.nn.ModuleList]): The decoder blocks of a (LoRA-wrapped)
+        Hugging Face causal LM, or None where the architecture hides them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
+class LayerCapture:
+    """Keep the output of one decoder layer during a forward pass, instead of asking
+    the model for every layer's hidden states (`output_hidden_states=True` returns
+    all of them). `hidden_states[i]` is the output of block i - 1; the last index
+    (after the final norm) and gradient-checkpointed models are read the old way."""
+
+    def __init__(self, model: Any, index: Optional[int]) -> None:
+        self.outputs: List[torch.Tensor] = []
+        self.handle = None
+        self.fallback = False
+        if index is None:
+            return
+        layers = decoder_layers(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # a checkpointed block may run its first forward without autograd: read the outputs
+        if layers is None or index >= len(layers) or getattr(base, "is_gradient_checkpointing", False):
+            self.fallback = True
+            return
+        self.handle = layers[index - 1].register_forward_hook(self._keep)
+
+    def _keep(self, module: Any, inputs: Any, output: Any) -> None:
+        self.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self, out: Any, index: int) -> torch.Tensor:
+        """RETURNS (torch.Tensor): The layer's output of the latest forward pass `out`."""
+        return out.hidden_states[index] if self.fallback else self.outputs.pop()
+
+    def __enter__(self) -> "LayerCapture":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 def _forward(
     model: Any, batch: Union[Batch, SharedBatch], hidden_layer: Optional[int]
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The kept logits of a micro-batch and, if `hidden_layer` is set, that layer's
     hidden states (for a shared batch: prefix and rest columns side by side)."""
-    want_hidden = hidden_layer is not None
-    if isinstance(batch, Batch):
+    with LayerCapture(model, hidden_layer) as capture:
+        if isinstance(batch, Batch):
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                output_hidden_states=capture.fallback,
+                logits_to_keep=batch.keep,
+            )
+            return out.logits, None if hidden_layer is None else capture.take(out, hidden_layer)
+        prefix = model(
+            input_ids=batch.prefix_ids,
+            attention_mask=batch.prefix_mask,
+            position_ids=batching.positions(batch.prefix_mask),
+            use_cache=True,
+            output_hidden_states=capture.fallback,
+            logits_to_keep=1,
+        )
+        prefix_hidden = None if hidden_layer is None else capture.take(prefix, hidden_layer)
+        cache = cache_of(prefix)
+        batching.select(cache, batch.owner)  # differentiable: gradients flow back to the prefix
         out = model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            use_cache=False,
-            output_hidden_states=want_hidden,
+            use_cache=True,
+            output_hidden_states=capture.fallback,
             logits_to_keep=batch.keep,
+            **{cache_kwarg(model): cache},
         )
-        return out.logits, out.hidden_states[hidden_layer] if want_hidden else None
-    prefix = model(
-        input_ids=batch.prefix_ids,
-        attention_mask=batch.prefix_mask,
-        position_ids=batching.positions(batch.prefix_mask),
-        use_cache=True,
-        output_hidden_states=want_hidden,
-        logits_to_keep=1,
-    )
-    cache = cache_of(prefix)
-    batching.select(cache, batch.owner)  # differentiable: gradients flow back to the prefix
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=True,
-        output_hidden_states=want_hidden,
-        logits_to_keep=batch.keep,
-        **{cache_kwarg(model): cache},
-    )
-    if not want_hidden:
-        return out.logits, None
-    hidden = torch.cat([prefix.hidden_states[hidden_layer][batch.owner], out.hidden_states[hidden_layer]], dim=1)
-    return out.logits, hidden
+        if hidden_layer is None:
+            return out.logits, None
+        return out.logits, torch.cat([prefix_hidden[batch.owner], capture.take(out, hidden_layer)], dim=1)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -496,6 +580,7 @@ def batch_loss(
             temperature=settings.temperature,
             kind=settings.contrastive_loss,
             normalizer=norms.contrastive,
+            center=settings.contrastive_center,
         )
         parts["contrastive"] = float(loss_cl.detach())
         loss = loss + settings.contrastive_weight * loss_cl

@@ -8,14 +8,22 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import quality  # noqa: E402
-from bench.table import describe, quality_table  # noqa: E402
+from bench.table import describe, general_size_table, quality_table  # noqa: E402
+from spacy_cllmfs.labels import annotated_labels  # noqa: E402
+
+
+def make_data(tmp_path):
+    fixtures = ROOT / "tests" / "fixtures"
+    for domain, source in (("politics", "crossner_sample.txt"), ("music", "music_sample.txt"),
+                           ("conll2003", "conll2003_sample.txt")):
+        (tmp_path / "data" / domain).mkdir(parents=True)
+        for split in ("train", "dev", "test"):
+            shutil.copy(fixtures / source, tmp_path / "data" / domain / f"{split}.txt")
+    return tmp_path / "data"
 
 
 def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
-    for domain in ("politics", "conll2003"):
-        (tmp_path / "data" / domain).mkdir(parents=True)
-        for split in ("train", "dev", "test"):
-            shutil.copy(ROOT / "tests" / "fixtures" / "crossner_sample.txt", tmp_path / "data" / domain / f"{split}.txt")
+    make_data(tmp_path)
     output = tmp_path / "quality.json"
     argv = [
         "--data", str(tmp_path / "data"), "--profile", "cpu-smoke", "--model", str(tiny_model_path),
@@ -23,23 +31,28 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
         "--output", str(output), "--work", str(tmp_path / "work"),
         "--set", "source_limit=4", "--set", "spacy_ner_steps=4", "--set", "max_new_tokens=12",
         "--set", "llm_max_new_tokens=12", "--set", "dev_limit=3",
+        "--set", "general_size=4", "--set", 'extra_general_sizes={"politics": [6]}',
     ]
     quality.main(argv + ["--time-budget", "1e-9"])  # the budget is spent before the first run
     assert "Time budget" in capsys.readouterr().out and not json.loads(output.read_text())["runs"]
     quality.main(argv)
     assert "Matrix complete" in capsys.readouterr().out
     results = json.loads(output.read_text())
-    assert set(results["runs"]) == {f"{s}|politics|k1|s0" for s in quality.SYSTEMS}
+    keys = {f"{s}|politics|k1|s0" for s in quality.SYSTEMS if s != "cllmfs_general"}
+    assert set(results["runs"]) == keys | {"cllmfs_general|politics|k1|s0|n4", "cllmfs_general|politics|k1|s0|n6"}
     for run in results["runs"].values():
         assert 0.0 <= run["ents_f"] <= 1.0 and run["infer_s"] > 0 and run["train_sentences"] > 0
     assert results["settings"]["model"] == str(tiny_model_path) and results["machine"]["cpus"]
     assert list((tmp_path / "work").glob("source-*/adapter_config.json"))
+    general = results["runs"]["cllmfs_general|politics|k1|s0|n6"]
+    assert general["general_sentences"] == 6 and general["general_adapter"]["sentences"] == 6
+    assert len(list((tmp_path / "work").glob("general-*-politics-n*/adapter_config.json"))) == 2
     quality.main(argv)  # everything is done already: nothing runs again
     assert json.loads(output.read_text())["runs"] == results["runs"]
     quality.main(argv + ["--systems", "spacy_ner"])  # a resume with other arguments is recorded too
     resumed = json.loads(output.read_text())
     assert resumed["runs"] == results["runs"] and len(resumed["commands"]) == 3
-    assert "Commands (one matrix, resumed)" in describe(resumed) and f"{len(quality.SYSTEMS)} runs" in describe(resumed)
+    assert "Commands (one matrix, resumed)" in describe(resumed) and f"{len(keys) + 2} runs" in describe(resumed)
     cllmfs = results["runs"]["cllmfs|politics|k1|s0"]
     assert cllmfs["dev_sentences"] == 3 and cllmfs["best_step"] in (1, 2) and len(cllmfs["dev_scores"]) <= 2
     assert set(cllmfs["calibration"]) >= {"open_bias", "f1_before", "f1_after"}
@@ -51,14 +64,39 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert "negatives_per_positive" in capsys.readouterr().err
     table = quality_table(results)
     for system in quality.SYSTEMS:
-        assert f"| {quality.SYSTEM_NAMES[system]} |" in table
-    assert "politics K=1" in table and "GLiNER-L" in table
+        assert f"| {quality.SYSTEM_NAMES[system]}" in table
+    assert "politics K=1" in table and "GLiNER-L" in table and "general mix -> domain (n=4) |" in table
+    sweep = general_size_table(results)
+    assert "| politics | 1 | 0 (few-shot only) |" in sweep and "| politics | 1 | 6 |" in sweep
+
+
+def test_general_mix_leaves_the_target_out_and_declares_labels(tmp_path):
+    data = make_data(tmp_path)
+    vocab = quality.spacy.blank("en").vocab
+    docs = quality.general_docs(data, "politics", 4, vocab)
+    declared = [tuple(annotated_labels(doc)) for doc in docs]
+    conll = ("LOC", "MISC", "ORG", "PER")
+    music = tuple(sorted({e.label_ for d in quality.read_conll(data / "music" / "train.txt", vocab) for e in d.ents}))
+    # an equal share per source (conll2003, music): 2 each; nothing of the target
+    assert len(docs) == 4 and declared.count(conll) == 2 and declared.count(music) == 2
+    assert all(len(doc.ents) for doc in docs) and music == ("album", "band", "location", "musicalartist", "musicalinstrument", "musicgenre", "song")
+    # a music corpus of 2 sentences gives 2; CoNLL-2003 fills the rest
+    blocks = (data / "music" / "train.txt").read_text().split("\n\n")
+    (data / "music" / "train.txt").write_text("\n\n".join(blocks[:2]) + "\n")
+    small = [tuple(annotated_labels(doc)) for doc in quality.general_docs(data, "politics", 6, vocab)]
+    assert len(small) == 6 and small.count(conll) == 4
 
 
 def test_runs_are_planned_most_important_first():
-    settings = {"shots": [5, 20], "seeds": [0], "extra_seeds": {"politics": [1]}, "extra_shots": {}}
+    settings = {"shots": [5, 20], "seeds": [0], "extra_seeds": {"politics": [1]}, "extra_shots": {},
+                "general_size": 500, "extra_general_sizes": {"politics": [250, 1000]}}
     runs = quality.plan(settings, ["politics", "science"], ["cllmfs", "spacy_ner"])
-    assert runs[:4] == [("politics", 5, 0, "cllmfs"), ("politics", 5, 0, "spacy_ner"),
-                        ("science", 5, 0, "cllmfs"), ("science", 5, 0, "spacy_ner")]
+    assert runs[:4] == [("politics", 5, 0, "cllmfs", None), ("politics", 5, 0, "spacy_ner", None),
+                        ("science", 5, 0, "cllmfs", None), ("science", 5, 0, "spacy_ner", None)]
     assert len(runs) == len(set(runs)) == 2 * (2 * 2 + 2)  # politics: 2 K x 2 seeds, science: 2 K x 1 seed
     assert runs[4][:3] == ("politics", 5, 1)
+    general = quality.plan(settings, ["politics", "science"], ["cllmfs", "cllmfs_general"])
+    assert general[1].key == "cllmfs_general|politics|k5|s0|n500"
+    # the size sweep comes last, at the first K and seed only
+    assert [run.key for run in general[-2:]] == ["cllmfs_general|politics|k5|s0|n250",
+                                                 "cllmfs_general|politics|k5|s0|n1000"]

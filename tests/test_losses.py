@@ -46,6 +46,26 @@ def test_infonce_matches_the_formula_with_a_mean_anchor():
     assert contrastive_loss(hidden, targets, temperature=t).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_centering_removes_a_shared_direction():
+    """States that share a big common component look alike to the cosine; centering
+    on their mean makes the loss see the directions that tell them apart."""
+    common = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    vectors = [[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    hidden = (torch.tensor(vectors) + common).unsqueeze(0)
+    targets = [ContrastiveTargets(anchor=[0], positives=[1], negatives=[2, 3])]
+    plain = contrastive_loss(hidden, targets, temperature=0.1).item()
+    centered = contrastive_loss(hidden, targets, temperature=0.1, center=True).item()
+    assert plain == pytest.approx(math.log(3), abs=0.1)  # all cosines ~1: no signal
+    mean = torch.cat([hidden[0, :1], hidden[0, 1:2], hidden[0, 2:4]]).mean(0)
+    states = F.normalize(hidden[0] - mean, dim=-1)
+    sims = states[1:] @ states[0]
+    expected = -torch.log_softmax(sims / 0.1, dim=0)[0].item()
+    assert centered == pytest.approx(expected, rel=1e-5) and centered < 0.1
+    # the mean of a shifted copy is shifted too: centering ignores any shared offset
+    shifted = contrastive_loss(hidden + 5.0, targets, temperature=0.1, center=True).item()
+    assert shifted == pytest.approx(centered, rel=1e-4)
+
+
 def test_pairwise_loss_as_in_baner():
     hidden = hidden_with([E1, E1, E1, E2, E2])
     targets = [ContrastiveTargets(anchor=[0], positives=[1, 2], negatives=[3, 4])]

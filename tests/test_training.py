@@ -8,8 +8,18 @@ from spacy.training import Example
 from thinc.api import Adam
 
 from conftest import randomize_adapter
+from spacy_cllmfs.labels import ANNOTATED_LABELS, annotated_labels, set_annotated_labels
 from spacy_cllmfs.losses import IGNORE_INDEX
-from spacy_cllmfs.training import TrainingSettings, collate, contrastive_targets
+from spacy_cllmfs.training import (
+    LayerCapture,
+    TrainingSettings,
+    _forward,
+    collate,
+    collate_shared,
+    contrastive_targets,
+    decoder_layers,
+    shared_micro_batches,
+)
 
 GOLD = [
     ("Barack Obama visited Paris .", [(0, 2, "person"), (3, 4, "location")]),
@@ -74,6 +84,30 @@ def test_training_prompts_answers_and_negatives(tiny_model_config):
     assert [ner.builder.decode(item.answer) for item in items].count("<|im_end|>") == 1
 
 
+def test_docs_prompted_with_the_labels_they_are_annotated_for(tiny_model_config):
+    """A Doc of a general mix (e.g. CoNLL-2003 in a politics pipeline) declares its labels:
+    it gets no prompts, empty or not, for labels it was never annotated for."""
+    nlp = make_nlp(tiny_model_config, negatives_per_positive=None)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    set_annotated_labels(examples[0].reference, ["location"])
+    set_annotated_labels(examples[2].reference, [])
+    items = ner.training_items(examples)
+    texts = [ner.builder.decode(item.prompt.ids) for item in items]
+    by_sentence = [[item.prompt.label for item, t in zip(items, texts) if text in t] for text, _ in GOLD]
+    assert by_sentence == [["location"], ["location", "person"], [], ["location", "person"]]
+    paris = [item for item, t in zip(items, texts) if "Barack" in t]
+    assert ner.builder.decode(paris[0].answer) == " <<< Paris >>><|im_end|>"
+    # kept by DocBin, so a general corpus on disk keeps its declarations
+    doc = examples[0].reference
+    restored = list(DocBin(docs=[doc], store_user_data=True).get_docs(nlp.vocab))[0]
+    assert annotated_labels(restored) == ["location"]
+    doc.user_data[ANNOTATED_LABELS] = "location"
+    with pytest.raises(ValueError, match="set_annotated_labels"):
+        ner.training_items(examples)
+
+
 def test_retired_training_settings_load_but_do_not_train(tiny_model_config, tmp_path):
     """A config with spacy_cllmfs.training.v1 (negative_ratio) still loads and annotates;
     training it raises an error that names what replaced it."""
@@ -108,6 +142,26 @@ def test_contrastive_positions(tiny_model_config):
     inside = {p for s, e in ws[0:2] + ws[3:5] for p in range(s, e)}
     assert not inside & set(targets.negatives)
     assert ner.builder.decode([prompt.ids[p] for p in targets.anchor]) == " person"
+
+
+def test_other_type_entities_are_the_first_negatives(tiny_model_config):
+    nlp = make_nlp(tiny_model_config, contrastive_negatives="other_types")
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    pieces = ner.builder.word_pieces(examples[1].reference[:])
+    prompt = ner.builder.build(pieces, ner.label_infos)[1]  # person
+    ws = prompt.word_spans
+    targets = contrastive_targets(prompt, [(0, 2)], max_negatives=4, rng=random.Random(0), others=[(6, 7)])
+    # "Geneva" (location) first, then the boundary neighbour "met"
+    geneva = sorted({ws[6][0], ws[6][1] - 1})
+    assert targets.negatives[: len(geneva) + 1] == geneva + [ws[2][0]]
+    # make_items passes the window's other entities with this setting, not without it
+    items = ner.training_items([examples[1]])
+    person = next(item for item in items if item.prompt.label == "person")
+    assert ws[6][0] in person.targets.negatives[:2]
+    with pytest.raises(ValueError, match="contrastive_negatives"):
+        TrainingSettings(contrastive_negatives="random")
 
 
 def test_collate_left_pads_and_aligns_labels(tiny_model_config):
@@ -296,3 +350,53 @@ def test_shared_prefix_falls_back_where_it_cannot_apply():
     for settings in ({"fgm_epsilon": 0.1}, {"answer_only_loss": False}, {"gradient_checkpointing": True},
                      {"shared_prefix": False}):
         assert not TrainingSettings(**settings).shares_prefix
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_layer_hook_reads_the_same_hidden_states(tiny_model_config, shared):
+    """The contrastive layer is read by a hook on that one block; it equals what
+    output_hidden_states=True returns for every layer index, shared batches included."""
+    nlp = make_nlp(tiny_model_config, shared_prefix=shared)
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    randomize_adapter(ner, scale=0.1)
+    items = ner.training_items(examples)[:4]
+    model = ner.model.model
+    pad = ner.builder.tokenizer.pad_token_id
+    if shared:
+        batch = collate_shared(next(iter(shared_micro_batches(items, 8))), pad, torch.device("cpu"))
+    else:
+        batch = collate(items, pad, torch.device("cpu"), answer_only=True)
+    n_layers = model.config.num_hidden_layers
+    assert decoder_layers(model) is not None and len(decoder_layers(model)) == n_layers
+    _forward_all(model, batch, 1)  # transformers adds hooks of its own when asked for hidden states
+    hooks = [len(layer._forward_hooks) for layer in decoder_layers(model)]
+    for index in range(1, n_layers + 1):
+        logits, hidden = _forward(model, batch, index)
+        with LayerCapture(model, index) as capture:
+            assert capture.fallback == (index == n_layers)
+        expected_logits, expected = _forward_all(model, batch, index)
+        assert torch.allclose(hidden, expected, atol=1e-5) and torch.allclose(logits, expected_logits, atol=1e-5)
+        assert [len(layer._forward_hooks) for layer in decoder_layers(model)] == hooks  # ours is removed
+
+
+def _forward_all(model, batch, index):
+    with torch.no_grad(), patch_capture_fallback():
+        return _forward(model, batch, index)
+
+
+class patch_capture_fallback:
+    """Make every LayerCapture read output_hidden_states (the path before hooks)."""
+
+    def __enter__(self):
+        self.init = LayerCapture.__init__
+
+        def init(capture, model, index):
+            self.init(capture, model, None)
+            capture.fallback = index is not None
+
+        LayerCapture.__init__ = init
+
+    def __exit__(self, *exc):
+        LayerCapture.__init__ = self.init
