@@ -114,7 +114,8 @@ def _rate(value: float) -> str:
 def describe(results: Dict[str, Any]) -> str:
     settings, machine = results.get("settings", {}), results.get("machine", {})
     where = machine.get("gpu") or f"{machine.get('cpus')}-core CPU ({machine.get('processor') or machine.get('platform')})"
-    commands = results.get("commands") or [results.get("command")]
+    # older files recorded absolute paths: show them relative to the repository
+    commands = [c.replace(f"{ROOT.parent}/", "../") for c in results.get("commands") or [results.get("command")]]
     shown = "Command: " if len(commands) == 1 else "Commands (one matrix, resumed): "
     wall = sum(run.get("wall_s", 0.0) for run in results["runs"].values())
     superseded = results.get("superseded", {})
