@@ -22,7 +22,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.machine import cpu_model, load_averages, memory_gib  # noqa: E402
 
 LOADERS = ("transformers", "streaming")
 DTYPES = ("float32", "bfloat16")
@@ -126,41 +130,17 @@ def environment(argv: Sequence[str], threads: int) -> Dict[str, Any]:
     return {
         "command": shlex.join(["python", "bench/gguf_memory.py", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _cpu_model(),
+        "machine": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "memory_gib": _memory_gib(),
+        "memory_gib": memory_gib(),
         "torch_threads": threads,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"),
-        "load_average_at_start": _load_average(),
+        "load_average_at_start": load_averages(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _memory_gib() -> Optional[float]:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _load_average() -> Optional[List[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 def _dist_version(name: str) -> Optional[str]:
@@ -191,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     f"weights {result['weights_mib']:.1f}) {result['load_seconds']:6.2f} s",
                     flush=True,
                 )
-    env["load_average_at_end"] = _load_average()
+    env["load_average_at_end"] = load_averages()
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")

@@ -10,7 +10,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 def cpu_model() -> str:
@@ -29,6 +29,22 @@ def load_average() -> Optional[float]:
     try:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
+        return None
+
+
+def load_averages() -> Optional[List[float]]:
+    """RETURNS (Optional[List[float]]): The 1, 5 and 15-minute load averages, if known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def memory_gib() -> Optional[float]:
+    """RETURNS (Optional[float]): The machine's physical memory in GiB, if known."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
         return None
 
 

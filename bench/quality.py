@@ -17,6 +17,9 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
                    with its own corpus's labels), then few-shot; `extra_general_sizes`
                    adds runs at other mix sizes (the size sweep)
   cllmfs_sentence_first  cllmfs with the sentence-first template (spacy_cllmfs.prompt.v2)
+  cllmfs_center    cllmfs, contrastive cosines on centred states (`contrastive_center`)
+  cllmfs_other_types  cllmfs, entity tokens of other types as the first contrastive
+                   negatives (`contrastive_negatives = "other_types"`)
 
 The cllmfs systems train with the component's default recipe (spacy_cllmfs.training.v2:
 `negatives_per_positive`, confusable negatives first), keep the adapter that scores best
@@ -34,7 +37,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
@@ -50,16 +52,28 @@ from spacy.tokens import Doc, DocBin
 from spacy.training import Example
 from spacy.util import registry
 
-from spacy_cllmfs.adapters import AdapterState
-from spacy_cllmfs.corpora import read_conll
-from spacy_cllmfs.labels import default_description, set_annotated_labels
-from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated
-from spacy_cllmfs.models import HFCausalLM
-from spacy_cllmfs.sampling import greedy_k_shot, label_counts
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.machine import cpu_model, load_averages  # noqa: E402
+from spacy_cllmfs.adapters import AdapterState  # noqa: E402
+from spacy_cllmfs.corpora import read_conll  # noqa: E402
+from spacy_cllmfs.labels import default_description  # noqa: E402
+from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated  # noqa: E402
+from spacy_cllmfs.mixing import mix_corpora  # noqa: E402
+from spacy_cllmfs.models import HFCausalLM  # noqa: E402
+from spacy_cllmfs.sampling import greedy_k_shot, label_counts  # noqa: E402
 from spacy_cllmfs.spacy_llm import SpacyLLMModel, write_ner_v3_examples
 
 SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_general",
-           "cllmfs_sentence_first")
+           "cllmfs_sentence_first", "cllmfs_center", "cllmfs_other_types")
+# contrastive variants: rows of the table only where they were run
+ABLATIONS = ("cllmfs_center", "cllmfs_other_types")
+# how a cllmfs system's training.v2 settings differ from cllmfs (LoRA + contrastive 0.1)
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "cllmfs_lora": {"contrastive_weight": 0.0},
+    "cllmfs_center": {"contrastive_center": True},
+    "cllmfs_other_types": {"contrastive_negatives": "other_types"},
+}
 SYSTEM_NAMES = {
     "spacy_ner": "spaCy NER (CPU config)",
     "spacy_llm": "spacy-llm NER.v3, in-context shots",
@@ -68,6 +82,8 @@ SYSTEM_NAMES = {
     "cllmfs_transfer": "cllmfs_ner, CoNLL-2003 -> domain",
     "cllmfs_general": "cllmfs_ner, general mix -> domain",
     "cllmfs_sentence_first": "cllmfs_ner, sentence-first prompt (v2)",
+    "cllmfs_center": "cllmfs_ner, contrastive on centred states",
+    "cllmfs_other_types": "cllmfs_ner, contrastive, other-type negatives",
 }
 DOMAINS = ("politics", "science", "music", "literature")
 # GLiNER-L zero-shot F1 as published (Zaratiana et al., 2023); its weights are not reachable here
@@ -121,8 +137,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def machine() -> Dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch": torch.__version__}
+    info = {"platform": platform.platform(), "processor": platform.processor() or cpu_model(),
+            "cpus": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -153,19 +169,30 @@ def score(nlp: Language, gold: Sequence[Doc]) -> Dict[str, Any]:
     }
 
 
-def cllmfs_nlp(settings: Dict[str, Any], contrastive_weight: float, prompt: str = "spacy_cllmfs.prompt.v1") -> Language:
+def training_config(settings: Dict[str, Any], system: str) -> Dict[str, Any]:
+    """The spacy_cllmfs.training.v2 block of a cllmfs system: the profile's recipe, then
+    what the system changes (RECIPES)."""
+    return {
+        "@misc": "spacy_cllmfs.training.v2", "contrastive_weight": 0.1,
+        "micro_batch_size": settings["micro_batch_size"],
+        "negatives_per_positive": settings["negatives_per_positive"],
+        "negative_sampling": settings["negative_sampling"],
+        "contrastive_negatives": settings["contrastive_negatives"],
+        "contrastive_center": settings["contrastive_center"],
+        **RECIPES.get(system, {}),
+    }
+
+
+def cllmfs_nlp(settings: Dict[str, Any], system: str = "cllmfs") -> Language:
+    """A blank pipeline with cllmfs_ner on the preloaded model, configured for `system`."""
+    prompt = "spacy_cllmfs.prompt.v2" if system == "cllmfs_sentence_first" else "spacy_cllmfs.prompt.v1"
     nlp = spacy.blank("en")
     nlp.add_pipe("cllmfs_ner", config={
         "model": {"@misc": "bench.preloaded_lm.v1"},
         "prompt": {"@misc": prompt},
         "max_new_tokens": settings["max_new_tokens"],
         "batch_size": settings["decode_batch_size"],
-        "training": {"@misc": "spacy_cllmfs.training.v2", "contrastive_weight": contrastive_weight,
-                     "micro_batch_size": settings["micro_batch_size"],
-                     "negatives_per_positive": settings["negatives_per_positive"],
-                     "negative_sampling": settings["negative_sampling"],
-                     "contrastive_negatives": settings["contrastive_negatives"],
-                     "contrastive_center": settings["contrastive_center"]},
+        "training": training_config(settings, system),
     })
     return nlp
 
@@ -275,25 +302,13 @@ class Run(NamedTuple):
 
 
 def general_docs(data: Path, target: str, size: int, vocab: Any) -> List[Doc]:
-    """The general NER mix for a target domain: CoNLL-2003 and the CrossNER domains
-    other than `target` (nothing of the target leaks), `size` training sentences with
-    entities in all: an equal share per source, up to what it has, CoNLL-2003 filling
-    the rest, in a fixed random order. Each Doc declares its own corpus's labels
-    (`set_annotated_labels`), so a music sentence never teaches "no politician here".
-    """
+    """The general NER mix for a target domain (`spacy_cllmfs.mixing.mix_corpora`):
+    CoNLL-2003 and the CrossNER domains other than `target` (nothing of the target
+    leaks), `size` training sentences with entities, an equal share per source and
+    CoNLL-2003 filling the rest, each Doc declaring its own corpus's labels."""
     sources = ["conll2003"] + [d for d in DOMAINS if d != target and (data / d).exists()]
-    share = size // len(sources)
-    mix: List[Doc] = []
-    for name in sources[1:] + sources[:1]:
-        docs = [doc for doc in read_conll(data / name / "train.txt", vocab) if len(doc.ents)]
-        labels = sorted(label_counts(docs))
-        random.Random(0).shuffle(docs)
-        taken = docs[: size - len(mix)] if name == "conll2003" else docs[:share]
-        for doc in taken:
-            set_annotated_labels(doc, labels)
-        mix.extend(taken)
-    random.Random(0).shuffle(mix)
-    return mix
+    corpora = [read_conll(data / name / "train.txt", vocab) for name in sources]
+    return mix_corpora(corpora, size, fill=0, seed=0)
 
 
 def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language, target: str,
@@ -431,15 +446,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             shots_of[(domain_name, k, seed)] = domain.shots(k, seed)
         shots = shots_of[(domain_name, k, seed)]
         print(f"== {key}: {len(shots)} training sentences, {len(domain.test)} test", flush=True)
-        begin = time.time()
+        begin, load = time.time(), load_averages()
         if system == "spacy_ner":
             result = run_spacy_ner(shots, domain, settings, seed)
         elif system == "spacy_llm":
             result = run_spacy_llm(shots, domain, settings)
         else:
-            weight = 0.0 if system == "cllmfs_lora" else 0.1
-            prompt = "spacy_cllmfs.prompt.v2" if system == "cllmfs_sentence_first" else "spacy_cllmfs.prompt.v1"
-            model_nlp = cllmfs_nlp(settings, weight, prompt)
+            model_nlp = cllmfs_nlp(settings, system)
             start, general = None, None
             if system == "cllmfs_transfer":
                 source = source or source_adapter(args, settings, model_nlp)
@@ -455,6 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             **result, "system": system, "domain": domain_name, "k": k, "seed": seed,
             "train_sentences": len(shots), "test_sentences": len(domain.test),
             "wall_s": time.time() - begin, "model": settings["model"],
+            "load_average_at_start": load, "load_average_at_end": load_averages(),
             **({} if size is None else {"general_sentences": size}),
         }
         print(f"   ents_f={result['ents_f']:.4f} train {result['train_s']:.0f}s infer "

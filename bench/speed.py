@@ -57,7 +57,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.machine import cpu_model  # noqa: E402
+from bench.machine import cpu_model, load_averages  # noqa: E402
 
 PIPE_SYSTEMS: Dict[str, Dict[str, Any]] = {
     "cllmfs_pipe": {"shared_prefix": False, "refill": False, "prompt": "spacy_cllmfs.prompt.v1"},
@@ -631,16 +631,8 @@ def environment(args: argparse.Namespace, argv: Sequence[str], model: Any, devic
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": _load_average(),
+        "load_average_at_start": load_averages(),
     }
-
-
-def _load_average() -> Optional[List[float]]:
-    """The 1, 5 and 15 minute load averages (other jobs sharing the CPU), if known."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 # -- main ---------------------------------------------------------------------------
@@ -798,7 +790,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
     agreement = compare_outputs(results)
     entities = entity_agreement(results, "cllmfs_pipe")
     training = training_throughput(args, labels, lm, memory) if args.train_shots else None
-    env["load_average_at_end"] = _load_average()
+    env["load_average_at_end"] = load_averages()
     report = {
         "environment": env,
         "inputs": {

@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import DOMAINS, GLINER_PUBLISHED, SYSTEM_NAMES, SYSTEMS, summarize  # noqa: E402
+from bench.quality import ABLATIONS, DOMAINS, GLINER_PUBLISHED, SYSTEM_NAMES, SYSTEMS, summarize  # noqa: E402
 
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
 
@@ -39,6 +39,8 @@ def quality_table(results: Dict[str, Any]) -> str:
             cells.append(f"{entry['mean']:.1f}{std}")
             train.append(entry["train_s"])
             infer.append(entry["infer_s"])
+        if system in ABLATIONS and not train:
+            continue  # a variant shows where it was run
         times = [f"{sum(train) / len(train):.0f}", f"{sum(infer) / len(infer):.0f}"] if train else ["-", "-"]
         name = SYSTEM_NAMES[system] + (f" (n={general})" if size else "")
         lines.append(f"| {name} | " + " | ".join(cells + times) + " |")
@@ -106,6 +108,30 @@ def general_size_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def contrastive_table(results: Dict[str, Any]) -> str:
+    """The contrastive term's effect: F1 of each contrastive system minus that of
+    cllmfs_lora (same shots, LoRA only) per domain/K where both ran, and the mean over
+    them; "" if no pair ran."""
+    summary = summarize(results["runs"])
+    columns = sorted({(r["domain"], r["k"]) for r in results["runs"].values() if r["system"] == "cllmfs_lora"},
+                     key=lambda c: (DOMAINS.index(c[0]) if c[0] in DOMAINS else 99, c[0], c[1]))
+    rows = []
+    for system in ("cllmfs",) + ABLATIONS:
+        deltas = []
+        for domain, k in columns:
+            entry, base = summary.get(f"{system}|{domain}|k{k}"), summary[f"cllmfs_lora|{domain}|k{k}"]
+            deltas.append(None if entry is None else entry["mean"] - base["mean"])
+        measured = [d for d in deltas if d is not None]
+        if measured:
+            cells = ["-" if d is None else f"{d:+.1f}" for d in deltas]
+            mean = f"{sum(measured) / len(measured):+.1f} ({len(measured)})"
+            rows.append(f"| {SYSTEM_NAMES[system]} | " + " | ".join(cells + [mean]) + " |")
+    if not rows:
+        return ""
+    header = ["system"] + [f"{d} K={k}" for d, k in columns] + ["mean (domains)"]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows])
+
+
 def _rate(value: float) -> str:
     """Two decimals, or three significant digits for slow rates (0.0243, not 0.02)."""
     return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
@@ -122,8 +148,11 @@ def describe(results: Dict[str, Any]) -> str:
     kept = (f". The file also keeps {len(superseded)} superseded run(s), not in the table: "
             + "; ".join(f"{key} ({run.get('superseded')})" for key, run in superseded.items()) + "."
             ) if superseded else ""
+    loads = [run["load_average_at_start"][0] for run in results["runs"].values() if run.get("load_average_at_start")]
+    load = (f" (1-min load average at the start of the {len(loads)} run(s) that recorded it: "
+            f"{min(loads):.1f} to {max(loads):.1f})") if loads else ""
     return (f"Model `{settings.get('model')}`, {where}, {len(results['runs'])} runs, sum of their measured "
-            f"wall times {wall / 60:.0f} min. {shown}" + "; ".join(f"`{c}`" for c in commands) + kept)
+            f"wall times {wall / 60:.0f} min{load}. {shown}" + "; ".join(f"`{c}`" for c in commands) + kept)
 
 
 def section(results_dir: Path) -> str:
@@ -134,6 +163,10 @@ def section(results_dir: Path) -> str:
         results = json.loads(path.read_text())
         parts += [f"### Few-shot F1 (spaCy ents_f x 100): `{_shown(path)}`", "", describe(results), "",
                   quality_table(results), ""]
+        effect = contrastive_table(results)
+        if effect:
+            parts += ["The contrastive term's effect: F1 minus that of LoRA only (same shots), "
+                      "per domain and its mean over the domains where both ran:", "", effect, ""]
         sweep = general_size_table(results)
         if sweep:
             parts += ["F1 against the size of the general mix (CoNLL-2003 + the other CrossNER domains) "

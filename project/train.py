@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train", type=Path, required=True)
     parser.add_argument("--dev", type=Path, required=True)
     parser.add_argument("--base-model", default="embedded")
-    parser.add_argument("--adapter", default=None, help="Adapter to start from (e.g. a source-domain model's).")
+    parser.add_argument("--adapter", default=None, help="Adapter to start from (e.g. a general model's cllmfs_ner/adapter); '' for none.")
     parser.add_argument("--gpu-id", type=int, default=-1, help="CUDA device for the model; -1 for the CPU.")
     parser.add_argument("--epochs", type=int, default=5, help="Passes over the training set.")
     parser.add_argument("--steps", type=int, default=0, help="Updates (0: from --epochs).")
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         "paths.train": str(args.train),
         "paths.dev": str(args.dev),
         "paths.base_model": args.base_model,
-        "paths.adapter": args.adapter,
+        "paths.adapter": args.adapter or None,
         "paths.checkpoint_dir": str(checkpoint_dir),
         "system.seed": args.seed,
         "components.cllmfs_ner.model.device": f"cuda:{args.gpu_id}" if args.gpu_id >= 0 else "cpu",

@@ -8,7 +8,8 @@ import typer
 from spacy.tokens import DocBin
 from spacy.vocab import Vocab
 
-from .corpora import FORMATS, convert as convert_corpus, load_docbin
+from .corpora import FORMATS, convert as convert_corpus, load_docbin, read_docs
+from .mixing import mix_corpora
 from .sampling import greedy_k_shot, label_counts
 
 app = typer.Typer(
@@ -83,6 +84,37 @@ def subset_cli(
         output_path.parent.mkdir(parents=True, exist_ok=True)
         DocBin(store_user_data=True, docs=kept).to_disk(output_path)
     typer.echo(f"Kept {len(kept)} of {len(docs)} docs in {output_path}")
+
+
+@app.command("mix")
+def mix_cli(
+    output_path: Path = typer.Argument(..., help="Output .spacy file with the mix."),
+    input_paths: List[Path] = typer.Argument(..., help="Corpus files (.spacy or any `convert` format)."),
+    size: int = typer.Option(..., "--size", "-n", help="Sentences in the mix."),
+    fill: int = typer.Option(0, "--fill", help="Index of the input that fills what the others lack."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    exclude: List[Path] = typer.Option([], "--exclude", help="A file that must not be mixed in (the target's)."),
+) -> None:
+    """Mix several corpora into a general training set: an equal share per input, each
+    Doc declaring its corpus's labels (train on it, then fine-tune on the few shots)."""
+    with _report_errors():
+        leaked = sorted(str(p) for p in input_paths if p.resolve() in {e.resolve() for e in exclude})
+        if leaked:
+            raise ValueError(
+                f"{', '.join(leaked)} is excluded from the mix (the target domain's data would leak "
+                "into the general adapter). Fix: remove it from the inputs (the project's general_corpora)."
+            )
+        vocab = Vocab()
+        corpora = [
+            load_docbin(path, vocab) if path.suffix == ".spacy" else read_docs(path) for path in input_paths
+        ]
+        mix = mix_corpora(corpora, size, fill=fill, seed=seed)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        DocBin(store_user_data=True, docs=mix).to_disk(output_path)
+    typer.echo(f"Mixed {len(mix)} sentences to {output_path}")
+    taken = {id(doc) for doc in mix}
+    for path, docs in zip(input_paths, corpora):
+        typer.echo(f"  {path}\t{sum(id(doc) in taken for doc in docs)}")
 
 
 @app.command("calibrate")

@@ -34,7 +34,15 @@ from .loop import unannotated
 from .models import HFCausalLM
 from .negatives import LabelCooccurrence
 from .prompts import PromptBuilder, PromptTemplate
-from .training import LoRAOptimizer, TrainingItem, TrainingSettings, accumulate, make_items
+from .training import (
+    LoRAOptimizer,
+    TrainingItem,
+    TrainingSettings,
+    accumulate,
+    enable_checkpointing,
+    is_checkpointing,
+    make_items,
+)
 
 logger = logging.getLogger("spacy_cllmfs")
 
@@ -480,8 +488,8 @@ class CLLMFSNer(TrainablePipe):
     def _trainable_model(self) -> Any:
         self.model.ensure_lora()
         model = self.model.model
-        if self.training.gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.training.gradient_checkpointing and not is_checkpointing(model):
+            enable_checkpointing(model)
         return model
 
     def _layer(self, model: Any) -> int:

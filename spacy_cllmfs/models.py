@@ -235,7 +235,10 @@ class HFCausalLM:
         self.local_files_only = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         self.attn_implementation = attn_implementation
         self.merge_lora = merge_lora
-        self._adapter: Optional[AdapterState] = AdapterState.from_disk(adapter) if adapter else None
+        # read when the weights load, unless an adapter is set first: a trained pipeline's
+        # from_disk sets its own, and its config may still name the one training started from
+        self._adapter: Optional[AdapterState] = None
+        self._adapter_path = adapter
         self._model: Any = None
         self._tokenizer: Any = None
         self._peft: Any = None
@@ -254,7 +257,7 @@ class HFCausalLM:
         self.lora = lora if lora is not None else LoRASettings()
         self.local_files_only, self.attn_implementation, self.merge_lora = True, None, True
         self.device_map = None
-        self._adapter, self._peft, self._merged = None, None, False
+        self._adapter, self._adapter_path, self._peft, self._merged = None, None, None, False
         self._model, self._tokenizer = model.eval().requires_grad_(False), tokenizer
         return self
 
@@ -287,7 +290,7 @@ class HFCausalLM:
 
     @property
     def has_adapter(self) -> bool:
-        return self._peft is not None or self._adapter is not None
+        return self._peft is not None or self._adapter is not None or bool(self._adapter_path)
 
     @property
     def context_length(self) -> int:
@@ -337,8 +340,15 @@ class HFCausalLM:
         else:
             self.device = model.get_input_embeddings().weight.device
         self._model = model.eval().requires_grad_(False)
-        if self._adapter is not None:
-            self.set_adapter(self._adapter)
+        configured = self._configured_adapter()
+        if configured is not None:
+            self.set_adapter(configured)
+
+    def _configured_adapter(self) -> Optional[AdapterState]:
+        """RETURNS (Optional[AdapterState]): The adapter set or configured (read now)."""
+        if self._adapter is None and self._adapter_path:
+            self._adapter = AdapterState.from_disk(self._adapter_path)
+        return self._adapter
 
     def inference_model(self, merge: bool = True) -> Any:
         """The model, ready for inference (eval mode, no gradients).
@@ -377,8 +387,8 @@ class HFCausalLM:
             param.requires_grad_("lora_" in name)
 
     def set_adapter(self, state: AdapterState) -> None:
-        """Attach the adapter `state`, replacing any adapter that is attached."""
-        self._adapter = state
+        """Attach the adapter `state`, replacing any adapter that is attached or configured."""
+        self._adapter, self._adapter_path = state, None
         if self._model is None:
             return  # applied on load
         from peft import set_peft_model_state_dict
@@ -415,14 +425,14 @@ class HFCausalLM:
         if self._peft is not None:
             self._model = self._peft.unload().eval()
             self._peft = None
-        self._adapter = None
+        self._adapter, self._adapter_path = None, None
         if state is not None:
             self.set_adapter(state)
 
     def adapter_state(self) -> Optional[AdapterState]:
         """RETURNS (Optional[AdapterState]): The current adapter, detached, or None."""
         if self._peft is None:
-            return self._adapter
+            return self._configured_adapter()
         from peft import get_peft_model_state_dict
 
         config = _jsonable(self._peft.peft_config["default"].to_dict())
@@ -502,7 +512,8 @@ def hf_causal_lm_v1(
     gguf_file (Optional[str]): A GGUF file name inside the folder `name`.
     device (str): "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N".
     dtype (str): "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16".
-    adapter (Optional[str]): A peft LoRA adapter folder to load on top of the base model.
+    adapter (Optional[str]): A peft LoRA adapter folder to load on top of the base model,
+        read when the weights load; a saved pipeline's own adapter (from_disk) replaces it.
     lora (Optional[LoRASettings]): Shape of a fresh adapter for training.
     local_files_only (bool): Never contact the hub (also set by HF_HUB_OFFLINE=1).
     attn_implementation (Optional[str]): "sdpa", "eager", ... (transformers' default if null:

@@ -464,6 +464,25 @@ def decoder_layers(model: Any) -> Optional[torch.nn.ModuleList]:
     return layers if isinstance(layers, torch.nn.ModuleList) else None
 
 
+def is_checkpointing(model: Any) -> bool:
+    """RETURNS (bool): Whether activation (gradient) checkpointing is on for `model`
+    (`is_activation_checkpointing` in recent transformers, `is_gradient_checkpointing` before)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
+    return False
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Turn on non-reentrant activation checkpointing (recent transformers' name first)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class LayerCapture:
     """Keep the output of one decoder layer during a forward pass, instead of asking
     the model for every layer's hidden states (`output_hidden_states=True` returns
@@ -479,7 +498,7 @@ class LayerCapture:
         layers = decoder_layers(model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # a checkpointed block may run its first forward without autograd: read the outputs
-        if layers is None or index >= len(layers) or getattr(base, "is_gradient_checkpointing", False):
+        if layers is None or index >= len(layers) or is_checkpointing(base):
             self.fallback = True
             return
         self.handle = layers[index - 1].register_forward_hook(self._keep)

@@ -8,7 +8,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import quality  # noqa: E402
-from bench.table import describe, general_size_table, quality_table  # noqa: E402
+from bench.table import contrastive_table, describe, general_size_table, quality_table  # noqa: E402
 from spacy_cllmfs.labels import annotated_labels  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert set(results["runs"]) == keys | {"cllmfs_general|politics|k1|s0|n4", "cllmfs_general|politics|k1|s0|n6"}
     for run in results["runs"].values():
         assert 0.0 <= run["ents_f"] <= 1.0 and run["infer_s"] > 0 and run["train_sentences"] > 0
+        assert len(run["load_average_at_start"]) == 3 and len(run["load_average_at_end"]) == 3
     assert results["settings"]["model"] == str(tiny_model_path) and results["machine"]["cpus"]
     assert list((tmp_path / "work").glob("source-*/adapter_config.json"))
     general = results["runs"]["cllmfs_general|politics|k1|s0|n6"]
@@ -53,6 +54,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     resumed = json.loads(output.read_text())
     assert resumed["runs"] == results["runs"] and len(resumed["commands"]) == 3
     assert "Commands (one matrix, resumed)" in describe(resumed) and f"{len(keys) + 2} runs" in describe(resumed)
+    assert "1-min load average at the start of the" in describe(resumed)
     cllmfs = results["runs"]["cllmfs|politics|k1|s0"]
     assert cllmfs["dev_sentences"] == 3 and cllmfs["best_step"] in (1, 2) and len(cllmfs["dev_scores"]) <= 2
     assert set(cllmfs["calibration"]) >= {"open_bias", "f1_before", "f1_after"}
@@ -66,6 +68,8 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     for system in quality.SYSTEMS:
         assert f"| {quality.SYSTEM_NAMES[system]}" in table
     assert "politics K=1" in table and "GLiNER-L" in table and "general mix -> domain (n=4) |" in table
+    effect = contrastive_table(results)
+    assert len(effect.splitlines()) == 2 + 1 + len(quality.ABLATIONS) and "(1) |" in effect
     sweep = general_size_table(results)
     assert "| politics | 1 | 0 (few-shot only) |" in sweep and "| politics | 1 | 6 |" in sweep
 
@@ -100,3 +104,29 @@ def test_runs_are_planned_most_important_first():
     # the size sweep comes last, at the first K and seed only
     assert [run.key for run in general[-2:]] == ["cllmfs_general|politics|k5|s0|n250",
                                                  "cllmfs_general|politics|k5|s0|n1000"]
+
+
+def test_cllmfs_systems_differ_from_cllmfs_only_in_their_recipe():
+    settings = {**quality.PROFILES["cpu-smoke"], "micro_batch_size": 8}
+    base = quality.training_config(settings, "cllmfs")
+    assert base["contrastive_weight"] == 0.1 and base["contrastive_negatives"] == "boundary"
+    for system, change in [("cllmfs_lora", {"contrastive_weight": 0.0}),
+                           ("cllmfs_center", {"contrastive_center": True}),
+                           ("cllmfs_other_types", {"contrastive_negatives": "other_types"})]:
+        config = quality.training_config(settings, system)
+        assert {k: v for k, v in config.items() if base[k] != v} == change
+    assert quality.training_config(settings, "cllmfs_general") == base
+
+
+def test_contrastive_effect_is_the_difference_to_lora_only():
+    def run(system, domain, f1):
+        return {"system": system, "domain": domain, "k": 5, "ents_f": f1, "train_s": 1.0, "infer_s": 1.0}
+
+    runs = [run("cllmfs_lora", "politics", 0.30), run("cllmfs", "politics", 0.35),
+            run("cllmfs_lora", "music", 0.20), run("cllmfs", "music", 0.18),
+            run("cllmfs_center", "music", 0.26), run("spacy_ner", "science", 0.5)]
+    table = contrastive_table({"runs": {str(i): r for i, r in enumerate(runs)}})
+    assert "| politics K=5 | music K=5 | mean (domains) |" in table and "science" not in table
+    assert "LoRA + contrastive | +5.0 | -2.0 | +1.5 (2) |" in table
+    assert "centred states | - | +6.0 | +6.0 (1) |" in table and "other-type" not in table
+    assert contrastive_table({"runs": {"0": runs[1]}}) == ""

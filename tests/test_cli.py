@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from spacy_cllmfs.cli import app
 from spacy_cllmfs.corpora import load_docbin, make_doc
+from spacy_cllmfs.labels import annotated_labels
 from spacy_cllmfs.sampling import label_counts
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -117,6 +118,24 @@ def test_subset_keeps_the_first_docs(tmp_path):
     assert [d.text for d in kept] == ["w0", "w1", "w2"] and len(kept[1].ents) == 1
     result = CliRunner().invoke(app, ["subset", str(tmp_path / "missing.spacy"), str(tmp_path / "o.spacy"), "--n", "1"])
     assert result.exit_code == 1 and "python -m spacy_cllmfs convert" in result.output
+
+
+def test_mix_writes_a_general_set_with_label_declarations(tmp_path):
+    music = tmp_path / "music.spacy"
+    assert runner.invoke(app, ["convert", str(FIXTURES / "music_sample.txt"), str(music)]).exit_code == 0
+    output = tmp_path / "general.spacy"
+    args = ["mix", str(output), str(FIXTURES / "conll2003_sample.txt"), str(music), "--size", "6"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    mixed = load_docbin(output, Vocab())
+    assert "Mixed 6 sentences" in result.output and len(mixed) == 6
+    declared = {tuple(annotated_labels(doc)) for doc in mixed}  # kept in the DocBin's user data
+    assert tuple(sorted({e.label_ for d in load_docbin(music, Vocab()) for e in d.ents})) in declared
+    assert ("LOC", "MISC", "ORG", "PER") in declared
+    result = runner.invoke(app, args[:-1] + ["0"])
+    assert result.exit_code == 1 and "Fix:" in result.stderr
+    result = runner.invoke(app, args + ["--exclude", str(music)])  # the target's data must not leak
+    assert result.exit_code == 1 and "leak" in result.stderr and "general_corpora" in result.stderr
 
 
 def test_demo_shots_are_well_formed():

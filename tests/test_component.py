@@ -1,9 +1,13 @@
+import shutil
+
 import pytest
 import spacy
+import torch
 from spacy.tokens import Span
 from spacy.training import Example
 
 from conftest import randomize_adapter
+from spacy_cllmfs.adapters import AdapterState
 from spacy_cllmfs.alignment import locate
 
 TEXTS = [
@@ -181,6 +185,24 @@ def test_serialization_round_trips(tiny_nlp, tmp_path):
     from_bytes.from_bytes(tiny_nlp.to_bytes())
     assert from_bytes.get_pipe("cllmfs_ner").labels == ("person", "location", "event")
     assert [ents(d) for d in from_bytes.pipe(TEXTS)] == expected
+
+
+def test_a_pipeline_trained_from_a_start_adapter_loads_without_it(tiny_model_config, tmp_path):
+    start = spacy.blank("en")
+    randomize_adapter(start.add_pipe("cllmfs_ner", config={"model": tiny_model_config}), seed=1)
+    start.get_pipe("cllmfs_ner").model.adapter_state().to_disk(tmp_path / "start")
+    nlp = spacy.blank("en")
+    config = {"model": {**tiny_model_config, "adapter": str(tmp_path / "start")}, "labels": ["person"]}
+    ner = nlp.add_pipe("cllmfs_ner", config=config)
+    assert ner.model.has_adapter  # configured, read when the weights load
+    configured, saved = ner.model.adapter_state(), AdapterState.from_disk(tmp_path / "start")
+    assert saved.weights and all(torch.equal(configured.weights[k], w) for k, w in saved.weights.items())
+    randomize_adapter(ner, seed=2)  # what training would do
+    expected = [ents(d) for d in nlp.pipe(TEXTS)]
+    nlp.to_disk(tmp_path / "pipeline")
+    shutil.rmtree(tmp_path / "start")  # e.g. the pipeline is packaged and installed elsewhere
+    loaded = spacy.load(tmp_path / "pipeline")
+    assert [ents(d) for d in loaded.pipe(TEXTS)] == expected
 
 
 def test_loading_on_another_device_setting(tiny_nlp, tmp_path):

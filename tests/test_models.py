@@ -98,8 +98,9 @@ def test_peft_can_read_our_adapter_folder(tiny_model_path, tmp_path):
 
 
 def test_corrupt_adapters_give_clear_errors(tiny_model_path, tmp_path):
+    lm = HFCausalLM(str(tiny_model_path), device="cpu", adapter=str(tmp_path / "missing"))
     with pytest.raises(AdapterError, match="does not exist"):
-        HFCausalLM(str(tiny_model_path), device="cpu", adapter=str(tmp_path / "missing"))
+        lm.load()  # a configured adapter is read with the weights
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{not json")

@@ -21,10 +21,11 @@ def project_dir(tmp_path):
     return tmp_path
 
 
-def run_project(project_dir, tiny_model_path, *args):
+def run_project(project_dir, tiny_model_path, *args, **overrides):
     variables = {
         "crossner_dir": str(project_dir / "data"), "domain": "mini", "base_model": str(tiny_model_path),
         "shots": 1, "epochs": 2, "batch_size": 2, "dev_limit": 2, "test_limit": 3, "checkpoint_every": 2,
+        **overrides,
     }
     command = [sys.executable, "-m", "spacy", "project", "run", *args, str(project_dir)]
     command += [f"--vars.{k}={v}" for k, v in variables.items()]
@@ -73,3 +74,28 @@ def test_train_resumes_an_interrupted_run(project_dir, tiny_model_path):
     assert "Resuming from the checkpoint at step 2: 2 steps to go" in result.stdout
     assert (run / "model-last").exists()
     assert json.loads(state_file.read_text())["step"] >= 3  # counted on from the resumed step
+
+
+def test_general_adapter_then_few_shot(project_dir, tiny_model_path):
+    fixtures = ROOT / "tests" / "fixtures"
+    general = {"general_corpora": f"{fixtures / 'conll2003_sample.txt'} {fixtures / 'music_sample.txt'}",
+               "general_size": 4, "general_epochs": 1}
+    result = run_project(project_dir, tiny_model_path, "general", **general)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Mixed 4 sentences" in result.stdout
+    adapter = project_dir / "training" / "general-mini-n4" / "model-last" / "cllmfs_ner" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+    run = {"start_adapter": "training/general-mini-n4/model-last/cllmfs_ner/adapter", "run_name": "mini-general"}
+    for command in ("train", "calibrate", "evaluate"):
+        result = run_project(project_dir, tiny_model_path, command, **run)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (project_dir / "metrics" / "mini-general.json").exists()
+    config = (project_dir / "training" / "mini-general" / "model-best" / "config.cfg").read_text()
+    assert 'adapter = "training/general-mini-n4/model-last/cllmfs_ner/adapter"' in config  # started from it
+    shutil.rmtree(project_dir / "training" / "general-mini-n4")  # the trained pipeline does not need it
+    import spacy
+
+    assert spacy.load(project_dir / "training" / "mini-general" / "model-calibrated").get_pipe("cllmfs_ner").labels
+    excluded = {**general, "general_corpora": f"{project_dir / 'data' / 'mini' / 'train.txt'}"}
+    result = run_project(project_dir, tiny_model_path, "mix", **excluded)  # the target's data would leak
+    assert result.returncode != 0 and "leak" in result.stderr

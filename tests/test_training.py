@@ -1,4 +1,5 @@
 import random
+import warnings
 
 import pytest
 import spacy
@@ -18,6 +19,8 @@ from spacy_cllmfs.training import (
     collate_shared,
     contrastive_targets,
     decoder_layers,
+    enable_checkpointing,
+    is_checkpointing,
     shared_micro_batches,
 )
 
@@ -379,6 +382,18 @@ def test_layer_hook_reads_the_same_hidden_states(tiny_model_config, shared):
         expected_logits, expected = _forward_all(model, batch, index)
         assert torch.allclose(hidden, expected, atol=1e-5) and torch.allclose(logits, expected_logits, atol=1e-5)
         assert [len(layer._forward_hooks) for layer in decoder_layers(model)] == hooks  # ours is removed
+
+
+def test_checkpointed_models_read_the_hidden_states(tiny_nlp):
+    tiny_nlp.initialize(lambda: make_examples(tiny_nlp))
+    lm = tiny_nlp.get_pipe("cllmfs_ner").model
+    lm.ensure_lora()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated property on the way
+        assert not is_checkpointing(lm.model) and not LayerCapture(lm.model, 1).fallback
+        enable_checkpointing(lm.model)
+        assert is_checkpointing(lm.model)  # through the peft wrapper
+        assert LayerCapture(lm.model, 1).fallback and not LayerCapture(lm.model, None).fallback
 
 
 def _forward_all(model, batch, index):
