@@ -302,6 +302,7 @@ def spacy_llm_model_v1(
     """
     try:
         lm = HFCausalLM(name, gguf_file=gguf_file, device=device, dtype=dtype, adapter=adapter)
+        lm.adapter_state()  # nothing replaces a spacy-llm model's adapter: read (and check) it now
     except (ValueError, OSError) as err:
         raise type(err)(f"{MODEL_NAME}: {_for_llm_component(str(err))}") from err
     return SpacyLLMModel(
