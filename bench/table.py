@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import ABLATIONS, DOMAINS, GLINER_PUBLISHED, SYSTEM_NAMES, SYSTEMS, summarize  # noqa: E402
+from bench.quality import ABLATIONS, DOMAINS, GLINER_PUBLISHED, PROFILES, SYSTEM_NAMES, SYSTEMS, summarize  # noqa: E402
 
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
 
@@ -152,7 +152,19 @@ def describe(results: Dict[str, Any]) -> str:
     load = (f" (1-min load average at the start of the {len(loads)} run(s) that recorded it: "
             f"{min(loads):.1f} to {max(loads):.1f})") if loads else ""
     return (f"Model `{settings.get('model')}`, {where}, {len(results['runs'])} runs, sum of their measured "
-            f"wall times {wall / 60:.0f} min{load}. {shown}" + "; ".join(f"`{c}`" for c in commands) + kept)
+            f"wall times {wall / 60:.0f} min{load}.{changed_settings(results)} {shown}"
+            + "; ".join(f"`{c}`" for c in commands) + kept)
+
+
+def changed_settings(results: Dict[str, Any]) -> str:
+    """The recorded settings that differ from those of the profile the command named
+    (e.g. a learn rate set with `--set`); "" if none do."""
+    words = (results.get("command") or "").split()
+    profile = words[words.index("--profile") + 1] if "--profile" in words[:-1] else "cpu-smoke"
+    recorded, defaults = results.get("settings", {}), PROFILES.get(profile, {})
+    changed = [f"{key} = {json.dumps(recorded[key])}" for key in sorted(set(recorded) & set(defaults))
+               if key != "model" and recorded[key] != defaults[key]]
+    return f" Settings other than the `{profile}` profile's: {', '.join(changed)}." if changed else ""
 
 
 def section(results_dir: Path) -> str:
