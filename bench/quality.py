@@ -88,6 +88,7 @@ SYSTEM_NAMES = {
 DOMAINS = ("politics", "science", "music", "literature")
 # GLiNER-L zero-shot F1 as published (Zaratiana et al., 2023); its weights are not reachable here
 GLINER_PUBLISHED = {"politics": 72.6, "science": 62.6, "music": 69.6, "literature": 64.4}
+DEFAULT_PROFILE = "cpu-smoke"
 PROFILES: Dict[str, Dict[str, Any]] = {
     # the CPU smoke matrix: SmolLM2, K=5, one seed, <= 50 test sentences per domain
     "cpu-smoke": {
@@ -362,7 +363,7 @@ def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="CrossNER folder (…/crossner)")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-smoke")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--model", default=None, help="Base model (default: the profile's)")
     parser.add_argument("--device", default="auto")
@@ -413,6 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             parser.error(f"{args.output} holds runs made with other settings ({', '.join(changed)}); "
                          "continuing it would mix them. Fix: write to a new --output.")
     results["settings"] = {k: v for k, v in settings.items()}
+    results["profile"] = args.profile
     results["machine"] = machine()
     given = list(argv) if argv is not None else sys.argv[1:]
     results["command"] = " ".join(["python", "bench/quality.py", *given])

@@ -12,7 +12,9 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import ABLATIONS, DOMAINS, GLINER_PUBLISHED, PROFILES, SYSTEM_NAMES, SYSTEMS, summarize  # noqa: E402
+from bench.quality import (  # noqa: E402
+    ABLATIONS, DEFAULT_PROFILE, DOMAINS, GLINER_PUBLISHED, PROFILES, SYSTEM_NAMES, SYSTEMS, summarize,
+)
 
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
 
@@ -160,7 +162,8 @@ def changed_settings(results: Dict[str, Any]) -> str:
     """The recorded settings that differ from those of the profile the command named
     (e.g. a learn rate set with `--set`); "" if none do."""
     words = (results.get("command") or "").split()
-    profile = words[words.index("--profile") + 1] if "--profile" in words[:-1] else "cpu-smoke"
+    named = words[words.index("--profile") + 1] if "--profile" in words[:-1] else DEFAULT_PROFILE
+    profile = results.get("profile", named)  # files written before the profile was recorded: the command's
     recorded, defaults = results.get("settings", {}), PROFILES.get(profile, {})
     changed = [f"{key} = {json.dumps(recorded[key])}" for key in sorted(set(recorded) & set(defaults))
                if key != "model" and recorded[key] != defaults[key]]

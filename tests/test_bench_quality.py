@@ -57,6 +57,8 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert "1-min load average at the start of the" in describe(resumed)
     assert "Settings other than the `cpu-smoke` profile's: dev_limit = 3, epochs = 1," in describe(resumed)
     assert "model =" not in describe(resumed)  # the model is named at the start
+    assert resumed["profile"] == "cpu-smoke"  # recorded: the table compares with that profile, not a default
+    assert "Settings other than the `gpu` profile's: " in describe(dict(resumed, profile="gpu"))
     cllmfs = results["runs"]["cllmfs|politics|k1|s0"]
     assert cllmfs["dev_sentences"] == 3 and cllmfs["best_step"] in (1, 2) and len(cllmfs["dev_scores"]) <= 2
     assert set(cllmfs["calibration"]) >= {"open_bias", "f1_before", "f1_after"}
