@@ -161,9 +161,10 @@ def describe(results: Dict[str, Any]) -> str:
 def changed_settings(results: Dict[str, Any]) -> str:
     """The recorded settings that differ from those of the profile the command named
     (e.g. a learn rate set with `--set`); "" if none do."""
-    words = (results.get("command") or "").split()
-    named = words[words.index("--profile") + 1] if "--profile" in words[:-1] else DEFAULT_PROFILE
-    profile = results.get("profile", named)  # files written before the profile was recorded: the command's
+    profile = results.get("profile")
+    if profile is None:  # a file written before the profile was recorded: the one its command named
+        words = (results.get("command") or "").split()
+        profile = words[words.index("--profile") + 1] if "--profile" in words[:-1] else DEFAULT_PROFILE
     recorded, defaults = results.get("settings", {}), PROFILES.get(profile, {})
     changed = [f"{key} = {json.dumps(recorded[key])}" for key in sorted(set(recorded) & set(defaults))
                if key != "model" and recorded[key] != defaults[key]]
