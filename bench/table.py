@@ -159,8 +159,9 @@ def describe(results: Dict[str, Any]) -> str:
 
 
 def changed_settings(results: Dict[str, Any]) -> str:
-    """The recorded settings that differ from those of the profile the command named
-    (e.g. a learn rate set with `--set`); "" if none do."""
+    """The recorded settings that differ from those of the file's recorded profile (for
+    older files, the one their command named), e.g. a learn rate set with `--set`; ""
+    if none do."""
     profile = results.get("profile")
     if profile is None:  # a file written before the profile was recorded: the one its command named
         words = (results.get("command") or "").split()
