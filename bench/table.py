@@ -5,6 +5,7 @@
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -139,11 +140,17 @@ def _rate(value: float) -> str:
     return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
 
 
+def relative_paths(command: str, parent: Path = ROOT.parent) -> str:
+    """Show absolute paths under the repository's parent folder as `../...` (older files
+    recorded them), leaving relative paths that merely contain that folder's name alone.
+    """
+    return re.sub(rf"(?<![^\s=]){re.escape(str(parent))}/", "../", command)
+
+
 def describe(results: Dict[str, Any]) -> str:
     settings, machine = results.get("settings", {}), results.get("machine", {})
     where = machine.get("gpu") or f"{machine.get('cpus')}-core CPU ({machine.get('processor') or machine.get('platform')})"
-    # older files recorded absolute paths: show them relative to the repository
-    commands = [c.replace(f"{ROOT.parent}/", "../") for c in results.get("commands") or [results.get("command")]]
+    commands = [relative_paths(c) for c in results.get("commands") or [results.get("command")]]
     shown = "Command: " if len(commands) == 1 else "Commands (one matrix, resumed): "
     wall = sum(run.get("wall_s", 0.0) for run in results["runs"].values())
     superseded = results.get("superseded", {})

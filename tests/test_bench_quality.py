@@ -8,7 +8,9 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import quality  # noqa: E402
-from bench.table import contrastive_table, describe, general_size_table, quality_table  # noqa: E402
+from bench.table import (  # noqa: E402
+    contrastive_table, describe, general_size_table, quality_table, relative_paths,
+)
 from spacy_cllmfs.labels import annotated_labels  # noqa: E402
 
 
@@ -134,3 +136,15 @@ def test_contrastive_effect_is_the_difference_to_lora_only():
     assert "LoRA + contrastive | +5.0 | -2.0 | +1.5 (2) |" in table
     assert "centred states | - | +6.0 | +6.0 (1) |" in table and "other-type" not in table
     assert contrastive_table({"runs": {"0": runs[1]}}) == ""
+
+
+def test_relative_paths_rewrites_only_absolute_paths():
+    parent = Path("/home/ci/work")
+    command = ("python bench/quality.py --data /home/ci/work/shared/data/crossner "
+               "--model bench/work/models/m.gguf --output=/home/ci/work/main/r.json")
+    assert relative_paths(command, parent) == (
+        "python bench/quality.py --data ../shared/data/crossner "
+        "--model bench/work/models/m.gguf --output=../main/r.json"
+    )
+    # a relative path that ends in the parent's name is not an absolute path under it
+    assert relative_paths("--model x/home/ci/work/m.gguf", parent) == "--model x/home/ci/work/m.gguf"
