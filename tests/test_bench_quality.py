@@ -146,5 +146,5 @@ def test_relative_paths_rewrites_only_absolute_paths():
         "python bench/quality.py --data ../shared/data/crossner "
         "--model bench/work/models/m.gguf --output=../main/r.json"
     )
-    # a relative path that ends in the parent's name is not an absolute path under it
+    # a relative path that contains the parent's path is not an absolute path under it
     assert relative_paths("--model x/home/ci/work/m.gguf", parent) == "--model x/home/ci/work/m.gguf"
