@@ -2,8 +2,8 @@
 # The GPU benchmark matrix, for a machine with a CUDA GPU (e.g. the lent H100).
 # SPEED=1 also runs the speed benchmark (give it a call of its own).
 # Resumable: each call continues where the last stopped, and stops starting new runs
-# after TIME_BUDGET minutes, so it fits short device calls. Run it again until quality.py
-# says "Matrix complete", then `python bench/table.py` updates the README.
+# after TIME_BUDGET minutes, so it fits short device calls. Run it again until the second
+# quality.py (the adapter-first systems) says "Matrix complete", then `python bench/table.py` updates the README.
 #   MODEL_GGUF=bench/work/models/qwen2.5-coder-1.5b-instruct.gguf DATA=../shared/data/crossner bash bench/gpu_matrix.sh
 # Get the GGUF with `python bench/get_model.py qwen2.5-coder-1.5b-instruct DIR` (and see
 # ../shared/gpu/README.md for carrying wheels, model and data to a machine without internet).
@@ -19,10 +19,16 @@ folder="$STAGE/$name-bf16"
 if [ ! -f "$folder/config.json" ]; then
   python -m spacy_cllmfs export-model "$MODEL_GGUF" "$folder" --dtype bfloat16 --device cuda:0
 fi
-# most important first: politics K=5 cllmfs, its baselines, the other domains, then K=20 and extra seeds
-python bench/quality.py --data "$DATA" --profile gpu --model "$folder" --device cuda:0 \
-  --systems cllmfs,spacy_ner,spacy_llm,cllmfs_lora,cllmfs_general,cllmfs_sentence_first,cllmfs_transfer \
-  --time-budget "$TIME_BUDGET" --output "bench/results/quality-gpu-$name.json"
+# most important first: politics K=5 cllmfs, its baselines, the other domains, then K=20 and
+# extra seeds; the systems that first train an adapter on thousands of sentences (more than
+# one short lease on an H200) come after the K-shot systems of every domain
+began=$(date +%s)
+for systems in cllmfs,spacy_ner,spacy_llm,cllmfs_lora,cllmfs_sentence_first cllmfs_general,cllmfs_transfer; do
+  left=$(python -c "print(max(0.0, $TIME_BUDGET - ($(date +%s) - $began) / 60))")
+  [ "$left" = 0.0 ] && { echo "Time budget of $TIME_BUDGET min used; rerun to continue."; break; }
+  python bench/quality.py --data "$DATA" --profile gpu --model "$folder" --device cuda:0 \
+    --systems "$systems" --time-budget "$left" --output "bench/results/quality-gpu-$name.json"
+done
 if [ "${SPEED:-0}" = 1 ]; then  # a separate call: one generate() per prompt is slow (~1 prompt/s)
   python bench/speed.py --data "$DATA" --domain politics --limit 50 --model "$folder" --device cuda:0 \
     --batch-size 256 --max-new-tokens 96 --output "bench/results/speed-gpu-$name-politics.json"
