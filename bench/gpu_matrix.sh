@@ -3,7 +3,8 @@
 # SPEED=1 also runs the speed benchmark (give it a call of its own).
 # Resumable: each call continues where the last stopped, and stops starting new runs
 # after TIME_BUDGET minutes, so it fits short device calls. Run it again until the second
-# quality.py (the adapter-first systems) says "Matrix complete", then `python bench/table.py` updates the README.
+# quality.py (the adapter-first systems) says "Matrix complete", then `python bench/table.py`
+# updates the README.
 #   MODEL_GGUF=bench/work/models/qwen2.5-coder-1.5b-instruct.gguf DATA=../shared/data/crossner bash bench/gpu_matrix.sh
 # Get the GGUF with `python bench/get_model.py qwen2.5-coder-1.5b-instruct DIR` (and see
 # ../shared/gpu/README.md for carrying wheels, model and data to a machine without internet).
