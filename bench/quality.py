@@ -17,6 +17,10 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
                    with its own corpus's labels), then few-shot; `extra_general_sizes`
                    adds runs at other mix sizes (the size sweep)
   cllmfs_sentence_first  cllmfs with the sentence-first template (spacy_cllmfs.prompt.v2)
+  cllmfs_examples  cllmfs with worked examples in the prompt (spacy_cllmfs.prompt.v3: per label,
+                   2 shot sentences with their answers; a sentence never shows itself)
+  cllmfs_icl       the prompt.v3 prompt on the base model, no training: in-context learning with
+                   one prompt per label (what cllmfs_examples starts from)
   cllmfs_center    cllmfs, contrastive cosines on centred states (`contrastive_center`)
   cllmfs_other_types  cllmfs, entity tokens of other types as the first contrastive
                    negatives (`contrastive_negatives = "other_types"`)
@@ -65,14 +69,22 @@ from spacy_cllmfs.sampling import greedy_k_shot, label_counts  # noqa: E402
 from spacy_cllmfs.spacy_llm import SpacyLLMModel, write_ner_v3_examples
 
 SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_general",
-           "cllmfs_sentence_first", "cllmfs_center", "cllmfs_other_types")
+           "cllmfs_sentence_first", "cllmfs_examples", "cllmfs_icl", "cllmfs_center", "cllmfs_other_types")
 # contrastive variants: rows of the table only where they were run
 ABLATIONS = ("cllmfs_center", "cllmfs_other_types")
+# systems shown as rows of a table only where they were run
+OPTIONAL = ABLATIONS + ("cllmfs_examples", "cllmfs_icl")
 # how a cllmfs system's training.v2 settings differ from cllmfs (LoRA + contrastive 0.1)
 RECIPES: Dict[str, Dict[str, Any]] = {
     "cllmfs_lora": {"contrastive_weight": 0.0},
     "cllmfs_center": {"contrastive_center": True},
     "cllmfs_other_types": {"contrastive_negatives": "other_types"},
+}
+# the prompt template of a cllmfs system, if not the default (label first, v1)
+PROMPTS = {
+    "cllmfs_sentence_first": "spacy_cllmfs.prompt.v2",
+    "cllmfs_examples": "spacy_cllmfs.prompt.v3",
+    "cllmfs_icl": "spacy_cllmfs.prompt.v3",
 }
 SYSTEM_NAMES = {
     "spacy_ner": "spaCy NER (CPU config)",
@@ -82,6 +94,8 @@ SYSTEM_NAMES = {
     "cllmfs_transfer": "cllmfs_ner, CoNLL-2003 -> domain",
     "cllmfs_general": "cllmfs_ner, general mix -> domain",
     "cllmfs_sentence_first": "cllmfs_ner, sentence-first prompt (v2)",
+    "cllmfs_examples": "cllmfs_ner, worked examples in the prompt (v3)",
+    "cllmfs_icl": "cllmfs_ner prompt v3, no training (in-context)",
     "cllmfs_center": "cllmfs_ner, contrastive on centred states",
     "cllmfs_other_types": "cllmfs_ner, contrastive, other-type negatives",
 }
@@ -186,7 +200,7 @@ def training_config(settings: Dict[str, Any], system: str) -> Dict[str, Any]:
 
 def cllmfs_nlp(settings: Dict[str, Any], system: str = "cllmfs") -> Language:
     """A blank pipeline with cllmfs_ner on the preloaded model, configured for `system`."""
-    prompt = "spacy_cllmfs.prompt.v2" if system == "cllmfs_sentence_first" else "spacy_cllmfs.prompt.v1"
+    prompt = PROMPTS.get(system, "spacy_cllmfs.prompt.v1")
     nlp = spacy.blank("en")
     nlp.add_pipe("cllmfs_ner", config={
         "model": {"@misc": "bench.preloaded_lm.v1"},
@@ -222,6 +236,18 @@ def train_cllmfs(
     else:
         losses = fit(nlp, examples, steps=steps, **schedule)
     return {**info, "train_s": time.time() - begin, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def untrained_cllmfs(nlp: Language, docs: Sequence[Doc], labels: Sequence[str]) -> Dict[str, Any]:
+    """Initialize cllmfs_ner on the shots (labels, worked examples) without training:
+    the base model, as an identity adapter."""
+    ner = nlp.get_pipe("cllmfs_ner")
+    ner.model.reset_adapter(None)
+    ner.open_bias = 0.0
+    examples = as_examples(nlp, docs)
+    begin = time.time()
+    ner.initialize(lambda: examples, nlp=nlp, labels=list(labels), label_descriptions={})
+    return {"train_s": time.time() - begin, "steps": 0}
 
 
 def run_spacy_ner(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any], seed: int) -> Dict[str, Any]:
@@ -461,8 +487,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 start = source
             elif system == "cllmfs_general":
                 start, general = general_adapter(args, settings, model_nlp, domain_name, size)
-            result = train_cllmfs(model_nlp, shots, domain.labels, settings["epochs"], settings, start, seed,
-                                  dev=domain.dev[: settings["dev_limit"]])
+            if system == "cllmfs_icl":
+                result = untrained_cllmfs(model_nlp, shots, domain.labels)
+            else:
+                result = train_cllmfs(model_nlp, shots, domain.labels, settings["epochs"], settings, start, seed,
+                                      dev=domain.dev[: settings["dev_limit"]])
             result.update(score(model_nlp, domain.test))
             if general is not None:
                 result["general_adapter"] = general

@@ -14,7 +14,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import (  # noqa: E402
-    ABLATIONS, DEFAULT_PROFILE, DOMAINS, GLINER_PUBLISHED, PROFILES, SYSTEM_NAMES, SYSTEMS, summarize,
+    ABLATIONS, DEFAULT_PROFILE, DOMAINS, GLINER_PUBLISHED, OPTIONAL, PROFILES, SYSTEM_NAMES, SYSTEMS, summarize,
 )
 
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
@@ -42,7 +42,7 @@ def quality_table(results: Dict[str, Any]) -> str:
             cells.append(f"{entry['mean']:.1f}{std}")
             train.append(entry["train_s"])
             infer.append(entry["infer_s"])
-        if system in ABLATIONS and not train:
+        if system in OPTIONAL and not train:
             continue  # a variant shows where it was run
         times = [f"{sum(train) / len(train):.0f}", f"{sum(infer) / len(infer):.0f}"] if train else ["-", "-"]
         name = SYSTEM_NAMES[system] + (f" (n={general})" if size else "")

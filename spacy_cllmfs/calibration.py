@@ -15,8 +15,8 @@ only if the entity F1 on the same dev set does not drop with it.
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-from .decoding import PromptGroup, first_logprobs
-from .inference import DecodingSettings, WindowPrompts
+from .decoding import first_logprobs
+from .inference import DecodingSettings, WindowPrompts, in_prompt_order, prompt_groups
 from .prompts import AnswerFormat
 
 MAX_BIAS = 8.0
@@ -55,7 +55,7 @@ def decision_margins(
 ) -> List[float]:
     """RETURNS (List[float]): log P(open) - log P(end) for the first answer token of every
     prompt of `tasks`, in task and label order."""
-    groups = [PromptGroup(t.prompts[0].prefix, [p.suffix for p in t.prompts]) for t in tasks if t.prompts]
+    groups, rows = prompt_groups(tasks, settings.batch_size)
     if not groups:
         return []
     logp = first_logprobs(
@@ -66,7 +66,7 @@ def decision_margins(
         max_rows=settings.batch_size,
         max_tokens=settings.max_batch_tokens,
     )
-    return (logp[:, 0] - logp[:, 1]).tolist()
+    return in_prompt_order((logp[:, 0] - logp[:, 1]).tolist(), rows)
 
 
 def _f1(margins: Sequence[float], positive: Sequence[bool], bias: float) -> float:

@@ -28,6 +28,7 @@ from .adapters import AdapterState
 from .alignment import OVERLAP_STRATEGIES, Candidate, resolve_overlaps
 from .calibration import Calibration, decision_margins, fit_open_bias
 from .decoding import DecodingStats
+from .demonstrations import Demonstrations
 from .inference import DecodingSettings, WindowPrompts, doc_windows, find_candidates, make_prompts, window_budget
 from .labels import LabelInfo, label_infos, validate_labels
 from .loop import unannotated
@@ -166,7 +167,9 @@ class CLLMFSNer(TrainablePipe):
     vocab (Vocab): The shared vocabulary.
     model (HFCausalLM): The causal LM and its LoRA adapter (loaded on first use).
     name (str): The component's name in the pipeline.
-    prompt (PromptTemplate): The prompt text, shared by training and inference.
+    prompt (PromptTemplate): The prompt text, shared by training and inference. With worked
+        examples (`spacy_cllmfs.prompt.v3`), `initialize` chooses them from the training
+        examples (`self.demonstrations`) and the pipeline saves them.
     labels (List[str]): Entity labels; may also come from `initialize`.
     label_descriptions (Dict[str, str]): Per-label descriptions for the prompt.
     label_names (Dict[str, str]): Per-label names for the prompt ("politicalparty" ->
@@ -251,6 +254,7 @@ class CLLMFSNer(TrainablePipe):
         self._set_labels(labels, label_descriptions or {}, label_names or {})
         self._builder: Optional[PromptBuilder] = None
         self._budget: Optional[Tuple[tuple, int]] = None
+        self.demonstrations = Demonstrations()
 
     # -- decoding settings: views of `self.decoding`, settable --------------------
 
@@ -324,7 +328,11 @@ class CLLMFSNer(TrainablePipe):
 
     def window_budget(self) -> int:
         """RETURNS (int): The most model tokens a sentence window may take."""
-        key = (tuple(self.label_infos), self.max_window_tokens, self.decoding.max_new_tokens, id(self.builder))
+        examples = self.demonstrations.texts(self.prompt) if self._shows_examples else {}
+        key = (
+            tuple(self.label_infos), self.max_window_tokens, self.decoding.max_new_tokens, id(self.builder),
+            tuple(sorted(examples.items())),
+        )
         if self._budget is None or self._budget[0] != key:
             budget = window_budget(
                 self.builder,
@@ -332,6 +340,7 @@ class CLLMFSNer(TrainablePipe):
                 self.model.context_length,
                 self.max_window_tokens,
                 self.decoding.max_new_tokens,
+                examples,
             )
             self._budget = (key, budget)
         return self._budget[1]
@@ -340,9 +349,17 @@ class CLLMFSNer(TrainablePipe):
         """Split a Doc into sentence windows that fit the prompt."""
         return doc_windows(doc, self.builder, self.window_budget())
 
+    @property
+    def _shows_examples(self) -> bool:
+        return self.prompt.demonstrations > 0
+
+    def _examples(self) -> Optional[Demonstrations]:
+        """The worked examples prompts show, or None if the template shows none."""
+        return self.demonstrations if self._shows_examples else None
+
     def make_prompts(self, docs: Sequence[Doc]) -> List[WindowPrompts]:
         """Build the prompts for a batch of docs: per window, one per label."""
-        return make_prompts(docs, self.builder, self.label_infos, self.window_budget())
+        return make_prompts(docs, self.builder, self.label_infos, self.window_budget(), self._examples())
 
     # -- inference ------------------------------------------------------------------
 
@@ -370,6 +387,7 @@ class CLLMFSNer(TrainablePipe):
             budget=self.window_budget(),
             pad_id=self.model.pad_id,
             stats=stats,
+            demonstrations=self._examples(),
         )
         self.stats.add(stats)
         return candidates
@@ -473,6 +491,11 @@ class CLLMFSNer(TrainablePipe):
         if self.training.retired:
             raise ValueError(self.training.retired)
         self._cooccurrence = LabelCooccurrence.from_examples(get_examples(), self.labels)
+        if self._shows_examples:
+            self.demonstrations = Demonstrations()  # windows are cut as if no examples were shown
+            self.demonstrations = Demonstrations.from_examples(
+                get_examples(), self.windows, self.labels, self.prompt.demonstrations
+            )
         self.model.ensure_lora()
         self._optimizer = None
         self._rng = random.Random(self.training.seed)
@@ -482,7 +505,8 @@ class CLLMFSNer(TrainablePipe):
     def training_items(self, examples: Iterable[Example]) -> List[TrainingItem]:
         """Turn gold examples into prompts with their answers (see `training.make_items`)."""
         return make_items(
-            self.builder, self.windows, list(examples), self.label_infos, self.training, self._rng, self._cooccurrence
+            self.builder, self.windows, list(examples), self.label_infos, self.training, self._rng,
+            self._cooccurrence, self._examples(),
         )
 
     def _trainable_model(self) -> Any:
@@ -619,12 +643,20 @@ class CLLMFSNer(TrainablePipe):
             "label_names": dict(self.cfg["label_names"]),
             "base_model": self.model.source.description,
             "open_bias": self.open_bias,
+            "demonstrations": self.demonstrations.to_dict(),
         }
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self._set_labels(state["labels"], state["label_descriptions"], state.get("label_names", {}))
         if "open_bias" in state:
             self.open_bias = float(state["open_bias"])
+        self.demonstrations = Demonstrations.from_dict(state.get("demonstrations", {}))
+        if self._shows_examples and not self.demonstrations:
+            logger.warning(
+                "'%s' uses a prompt with worked examples, but none were saved with it: prompts "
+                "will show none. Run `initialize` with training examples to choose them.",
+                self.name,
+            )
         saved_base = state.get("base_model")
         if saved_base and saved_base != self.model.source.description and self.model.has_adapter:
             logger.warning(

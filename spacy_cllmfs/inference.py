@@ -1,10 +1,13 @@
 """The one inference path, used by the component and by the spacy-llm model:
 docs -> sentence windows -> prompts -> shared-prefix batches -> decoding -> candidates.
 
-Each window gives one prompt per label. The ids that all labels of a window
-share (`Prompt.shared_len`: the chat header, and with the sentence-first
-template the sentence itself) form one `PromptGroup`, so their KV cache is
-computed once per window, not once per label. With constrained decoding the
+Each window gives one prompt per label. Prompts that start alike form one
+`PromptGroup`, whose KV cache is computed once: either per window, the ids all
+its labels share (`Prompt.shared_len`: the chat header, and with the
+sentence-first template the sentence itself), or per label, the ids before the
+sentence (`Prompt.sentence_start`: with the label first, the instruction and
+its worked examples), shared by all windows of a batch. `prompt_groups` takes
+whichever computes fewer prompt tokens. With constrained decoding the
 copy automaton records which words of the window each answer span copied, so
 candidates come straight from those positions; free decoding (the ablation)
 parses the answer text and searches the window for it.
@@ -12,13 +15,14 @@ parses the answer text and searches the window for it.
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from spacy.tokens import Doc, Span
 
 from .alignment import Candidate, locate
 from .constraints import CopyConstraint
 from .decoding import DecodingStats, Generation, PromptGroup, generate, generate_groups
+from .demonstrations import Demonstrations
 from .labels import LabelInfo
 from .prompts import AnswerFormat, Prompt, PromptBuilder
 from .windows import make_windows
@@ -80,19 +84,21 @@ def window_budget(
     context_length: int,
     max_window_tokens: int,
     max_new_tokens: int,
+    examples: Optional[Dict[str, str]] = None,
 ) -> int:
     """RETURNS (int): The most model tokens a sentence window may take.
 
+    examples (Optional[Dict[str, str]]): Per label, the text of its `{examples}` slot.
     RAISES (ValueError): If the prompt and answer leave no room for a sentence.
     """
-    overhead = max(builder.overhead(info) for info in labels)
+    overhead = max(builder.overhead(info, examples) for info in labels)
     room = context_length - overhead - max_new_tokens - WINDOW_MARGIN
     budget = min(max_window_tokens, room) - WINDOW_MARGIN
     if budget < 1:
         raise ValueError(
             f"The model's context ({context_length} tokens) leaves no room for the sentence "
             f"after the prompt ({overhead} tokens) and answer ({max_new_tokens}). Fix: lower "
-            "`max_new_tokens` or shorten descriptions."
+            "`max_new_tokens`, shorten descriptions or show fewer `demonstrations`."
         )
     return budget
 
@@ -105,15 +111,80 @@ def doc_windows(doc: Doc, builder: PromptBuilder, budget: int) -> List[Span]:
 
 
 def make_prompts(
-    docs: Sequence[Doc], builder: PromptBuilder, labels: Sequence[LabelInfo], budget: int
+    docs: Sequence[Doc],
+    builder: PromptBuilder,
+    labels: Sequence[LabelInfo],
+    budget: int,
+    demonstrations: Optional[Demonstrations] = None,
 ) -> List[WindowPrompts]:
-    """Build one prompt per (window, label) for a batch of docs."""
+    """Build one prompt per (window, label) for a batch of docs.
+
+    demonstrations (Optional[Demonstrations]): Worked examples for a template with an
+        `{examples}` slot.
+    """
     tasks: List[WindowPrompts] = []
     for i, doc in enumerate(docs):
         for window in doc_windows(doc, builder, budget):
             pieces = builder.word_pieces(window)
-            tasks.append(WindowPrompts(i, window, pieces, builder.build(pieces, labels)))
+            examples = demonstrations.texts(builder.template, window.text) if demonstrations else None
+            tasks.append(WindowPrompts(i, window, pieces, builder.build(pieces, labels, examples)))
     return tasks
+
+
+def prompt_groups(tasks: Sequence[WindowPrompts], max_rows: int) -> Tuple[List[PromptGroup], List[int]]:
+    """Group the prompts of `tasks` by shared prefix: per window (the ids its labels
+    share) or per label (the ids before the sentence, grouped by their value), whichever
+    leaves fewer prompt tokens to compute, padding included; per window on a tie.
+
+    max_rows (int): The most rows in flight. A label's prompts are sorted by length and
+        cut into groups of half as many, so that one can join the batch as soon as half
+        of it has finished (`refill`) and its rows need little padding; each group
+        computes the prefix once.
+    RETURNS (Tuple[List[PromptGroup], List[int]]): The groups, and per row of the groups
+        (in order of their suffixes) the index of its prompt in task and label order.
+    """
+    prompts = [p for task in tasks for p in task.prompts]
+    by_window: List[PromptGroup] = []
+    window_rows: List[int] = []
+    for task in tasks:
+        if task.prompts:
+            by_window.append(PromptGroup(task.prompts[0].prefix, [p.suffix for p in task.prompts]))
+            window_rows.extend(range(len(window_rows), len(window_rows) + len(task.prompts)))
+    rows_of: Dict[Tuple[int, ...], List[int]] = {}
+    for i, prompt in enumerate(prompts):
+        rows_of.setdefault(tuple(prompt.ids[: min(prompt.sentence_start, len(prompt.ids) - 1)]), []).append(i)
+    size = max(1, max_rows // 2)
+    by_label: List[PromptGroup] = []
+    label_rows: List[int] = []
+    for key, rows in rows_of.items():
+        rows = sorted(rows, key=lambda i: (len(prompts[i].ids), i))
+        label_rows.extend(rows)
+        for start in range(0, len(rows), size):
+            by_label.append(PromptGroup(list(key), [prompts[i].ids[len(key) :] for i in rows[start : start + size]]))
+    if prefill_tokens(by_label, max_rows, padded=True) < prefill_tokens(by_window, max_rows, padded=True):
+        return by_label, label_rows
+    return by_window, window_rows
+
+
+def prefill_tokens(groups: Sequence[PromptGroup], max_rows: int, padded: bool = False) -> int:
+    """RETURNS (int): The prompt tokens that decoding `groups` computes, `max_rows` at most
+        at once (see `decoding.generate_groups`); with `padded`, each group's suffixes
+        count as long as its longest (an estimate: groups prefilled together pad to the
+        longest of all)."""
+    total = 0
+    for g in groups:
+        lengths = [len(s) for s in g.suffixes]
+        total += -(-len(lengths) // max_rows) * len(g.prefix)
+        total += len(lengths) * max(lengths, default=0) if padded else sum(lengths)
+    return total
+
+
+def in_prompt_order(values: Sequence[Any], rows: Sequence[int]) -> List[Any]:
+    """Put per-row results of `prompt_groups`' groups back in task and label order."""
+    ordered: List[Any] = [None] * len(rows)
+    for value, i in zip(values, rows):
+        ordered[i] = value
+    return ordered
 
 
 def decode(
@@ -143,16 +214,19 @@ def decode(
     if not settings.shared_prefix:
         generations = generate(model, [p.ids for p in prompts], batch_size=settings.batch_size, **common)
     else:
-        groups = [
-            PromptGroup(task.prompts[0].prefix, [p.suffix for p in task.prompts]) for task in tasks if task.prompts
-        ]
-        generations = generate_groups(
-            model,
-            groups,
-            max_rows=settings.batch_size,
-            max_tokens=settings.max_batch_tokens,
-            refill=settings.refill,
-            **common,
+        groups, rows = prompt_groups(tasks, settings.batch_size)
+        if settings.constrained:
+            common["constraints"] = [constraints[i] for i in rows]
+        generations = in_prompt_order(
+            generate_groups(
+                model,
+                groups,
+                max_rows=settings.batch_size,
+                max_tokens=settings.max_batch_tokens,
+                refill=settings.refill,
+                **common,
+            ),
+            rows,
         )
     return generations, constraints
 
@@ -167,15 +241,17 @@ def find_candidates(
     budget: int,
     pad_id: int,
     stats: Optional[DecodingStats] = None,
+    demonstrations: Optional[Demonstrations] = None,
 ) -> List[List[Candidate]]:
     """Find entity candidates (all labels, overlaps included) in a batch of docs.
 
     model: The causal LM, ready for inference.
     budget (int): The most model tokens of a sentence window (see `window_budget`).
+    demonstrations (Optional[Demonstrations]): Worked examples (see `make_prompts`).
     RETURNS (List[List[Candidate]]): Per doc, its candidates, with Doc token offsets.
     """
     candidates: List[List[Candidate]] = [[] for _ in docs]
-    tasks = make_prompts(docs, builder, labels, budget)
+    tasks = make_prompts(docs, builder, labels, budget, demonstrations)
     if not tasks:
         return candidates
     fmt = builder.format

@@ -16,13 +16,19 @@ word by word (one spaCy token at a time, with its leading space). Every
 spaCy token therefore maps to a contiguous range of model tokens, answer
 spans are copies of those ranges, and training and inference see the very
 same ids. The ids before the first label-dependent piece are the same for
-all labels of a sentence (`Prompt.shared_len`), which is what a shared-prefix
-KV cache needs.
+all labels of a sentence (`Prompt.shared_len`), and with the label first the ids
+before the sentence are the same for all sentences of a label
+(`Prompt.sentence_start`): either is a prefix whose KV cache is computed once.
+
+With `spacy_cllmfs.prompt.v3` the instruction also shows worked examples of the
+label (an `{examples}` slot, filled from `demonstrations.Demonstrations`): a few
+sentences from the training data, each followed by its answer in the answer
+format, so the model sees the task done before it is asked.
 """
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from spacy.tokens import Span
 from spacy.util import registry
@@ -37,11 +43,16 @@ SENTENCE_FIRST_INSTRUCTION = (
     "Input sentence: {sentence}\nPlease extract the entity of {label} in the input sentence "
     "given above, the entity of {label} refers to {description}."
 )
+EXAMPLES_INSTRUCTION = (
+    "Please extract the entity of {label} in the input sentence given below, "
+    "the entity of {label} refers to {description}.\n{examples}Input sentence: {sentence}"
+)
+DEFAULT_EXAMPLE = "Example sentence: {sentence}\n{answer}\n\n"
 DEFAULT_ANSWER_PREFIX = "I can extract entities for you, the extracted entities are"
 ANCHOR = "\n"  # text that never merges with what follows it (see `PromptBuilder._encode`)
 SPAN_OPEN = " <<<"
 SPAN_CLOSE = " >>>"
-SLOTS = ("label", "description", "sentence")
+SLOTS = ("label", "description", "sentence", "examples")
 _MARKS = {name: f"\x1f{name.upper()}\x1f" for name in SLOTS + ("answer",)}
 _MARK_RE = re.compile("(" + "|".join(re.escape(m) for m in _MARKS.values()) + ")")
 _SLOT_OF_MARK = {mark: name for name, mark in _MARKS.items()}
@@ -56,6 +67,10 @@ class PromptTemplate:
     system_prompt (Optional[str]): A system message. None keeps the chat template's default
         (SmolLM2's and Qwen2.5's add ~20 tokens to every prompt); "" sends an empty one,
         which replaces that default with the shortest system turn the template allows.
+    demonstrations (int): Worked examples per label in the `{examples}` slot (0: the
+        instruction has no such slot).
+    example (str): How one worked example reads, with {sentence} and {answer} (the
+        answer prefix and the spans, as an answer reads).
     """
 
     instruction: str = DEFAULT_INSTRUCTION
@@ -64,25 +79,52 @@ class PromptTemplate:
     span_close: str = SPAN_CLOSE
     use_chat_template: bool = True
     system_prompt: Optional[str] = None
+    demonstrations: int = 0
+    example: str = DEFAULT_EXAMPLE
 
     def __post_init__(self) -> None:
         counts = {slot: self.instruction.count("{" + slot + "}") for slot in SLOTS}
-        if counts["sentence"] != 1 or counts["label"] < 1 or counts["description"] > 1:
+        if counts["sentence"] != 1 or counts["label"] < 1 or counts["description"] > 1 or counts["examples"] > 1:
             raise ValueError(
                 "The prompt instruction must contain {sentence} exactly once, {label} at "
-                "least once and {description} at most once; got "
+                "least once and {description} and {examples} at most once; got "
                 f"{counts} in {self.instruction!r}."
+            )
+        if not isinstance(self.demonstrations, int) or isinstance(self.demonstrations, bool) or self.demonstrations < 0:
+            raise ValueError(f"The prompt's `demonstrations` must be an integer >= 0, got {self.demonstrations!r}.")
+        if bool(self.demonstrations) != bool(counts["examples"]):
+            raise ValueError(
+                f"The prompt asks for {self.demonstrations} demonstrations per label but its instruction "
+                f"has {counts['examples']} {{examples}} slot. Fix: use spacy_cllmfs.prompt.v3 (label first, "
+                "with examples), or put {examples} in the instruction and set demonstrations >= 1 together."
+            )
+        if self.example.count("{sentence}") != 1 or self.example.count("{answer}") != 1:
+            raise ValueError(
+                f"The prompt's `example` must contain {{sentence}} and {{answer}} once each, got {self.example!r}."
             )
         try:
             self.instruction.format(**{slot: "" for slot in SLOTS})
+            self.example.format(sentence="", answer="")
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(
                 f"The prompt instruction has an unknown placeholder ({err}). Only "
-                "{label}, {description} and {sentence} are filled in; write other "
+                "{label}, {description}, {sentence} and {examples} (and in `example`, "
+                "{sentence} and {answer}) are filled in; write other "
                 "braces as {{ and }}."
             ) from err
         if not self.span_open.strip() or not self.span_close.strip():
             raise ValueError("span_open and span_close must be visible delimiters like ' <<<'.")
+
+
+    def render_examples(self, examples: Sequence[Tuple[str, Sequence[str]]]) -> str:
+        """The `{examples}` text of worked examples given as (sentence text, entity texts):
+        each answer reads as a real one (the answer prefix, then ` <<< span >>>` per span).
+        """
+        parts = []
+        for text, spans in examples:
+            answer = self.answer_prefix + "".join(f"{self.span_open} {span}{self.span_close}" for span in spans)
+            parts.append(self.example.format(sentence=text, answer=answer))
+        return "".join(parts)
 
 
 @registry.misc("spacy_cllmfs.prompt.v1")
@@ -130,6 +172,35 @@ def prompt_v2(
     )
 
 
+@registry.misc("spacy_cllmfs.prompt.v3")
+def prompt_v3(
+    instruction: str = EXAMPLES_INSTRUCTION,
+    demonstrations: int = 2,
+    example: str = DEFAULT_EXAMPLE,
+    answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+    span_open: str = SPAN_OPEN,
+    span_close: str = SPAN_CLOSE,
+    use_chat_template: bool = True,
+    system_prompt: Optional[str] = "",
+) -> PromptTemplate:
+    """The CLLMFS prompt, label first, with worked examples: after the label's
+    description come `demonstrations` sentences of the training data that have
+    entities of the label, each with its answer (a sentence is never its own
+    example). Everything before the sentence depends on the label only, so it is
+    computed once per label and batch, not once per sentence.
+    """
+    return PromptTemplate(
+        instruction=instruction,
+        answer_prefix=answer_prefix,
+        span_open=span_open,
+        span_close=span_close,
+        use_chat_template=use_chat_template,
+        system_prompt=system_prompt,
+        demonstrations=demonstrations,
+        example=example,
+    )
+
+
 @dataclass
 class Prompt:
     """The token ids of one (sentence, label) prompt, answer prefix included.
@@ -140,6 +211,8 @@ class Prompt:
     word_spans (List[Tuple[int, int]]): Per spaCy token of the sentence, its [start, end)
         positions in `ids` (empty for whitespace tokens, which the prompt leaves out).
     label_positions (List[int]): Positions of the first mention of the label's name.
+    sentence_start (int): Where the sentence starts: the ids before it depend on the
+        label only (and on the examples shown), not on the sentence.
     """
 
     ids: List[int]
@@ -147,6 +220,7 @@ class Prompt:
     shared_len: int
     word_spans: List[Tuple[int, int]]
     label_positions: List[int]
+    sentence_start: int = 0
 
     @property
     def prefix(self) -> List[int]:
@@ -321,38 +395,47 @@ class PromptBuilder:
         pieces = [p for p in self.word_pieces(sentence) if p]
         return sum(len(ids) for ids in self.encode_words(pieces))
 
-    def overhead(self, label: LabelInfo) -> int:
+    def overhead(self, label: LabelInfo, examples: Optional[Mapping[str, str]] = None) -> int:
         """RETURNS (int): The number of prompt tokens that are not the sentence."""
-        empty = self._assemble([], label)
+        empty = self._assemble([], label, (examples or {}).get(label.label, ""))
         return len(empty.ids)
 
-    def build(self, pieces: Sequence[str], labels: Sequence[LabelInfo]) -> List[Prompt]:
-        """Build one prompt per label for a sentence given as `word_pieces`."""
+    def build(
+        self, pieces: Sequence[str], labels: Sequence[LabelInfo], examples: Optional[Mapping[str, str]] = None
+    ) -> List[Prompt]:
+        """Build one prompt per label for a sentence given as `word_pieces`.
+
+        examples (Optional[Mapping[str, str]]): Per label, the text of its `{examples}`
+            slot (see `PromptTemplate.render_examples`); labels without one show none.
+        """
         encoded = self.encode_words([p for p in pieces if p])
         words: List[List[int]] = []
         it = iter(encoded)
         for piece in pieces:
             words.append(next(it) if piece else [])
-        return [self._assemble(words, label) for label in labels]
+        examples = examples or {}
+        return [self._assemble(words, label, examples.get(label.label, "")) for label in labels]
 
-    def _assemble(self, words: List[List[int]], label: LabelInfo) -> Prompt:
+    def _assemble(self, words: List[List[int]], label: LabelInfo, examples: str = "") -> Prompt:
         ids: List[int] = []
         shared_len: Optional[int] = None
+        sentence_start = 0
         word_spans: List[Tuple[int, int]] = []
         label_positions: List[int] = []
+        slot_text = {"label": label.name, "description": label.description, "examples": examples}
         for kind, value in self.pieces:
             if kind == "ids":
                 ids.extend(value)
             elif kind == "sentence":
+                sentence_start = len(ids)
                 for word in words:
                     word_spans.append((len(ids), len(ids) + len(word)))
                     ids.extend(word)
             else:
                 if shared_len is None:
                     shared_len = len(ids)
-                text = value + (label.name if kind == "label" else label.description)
                 start = len(ids)
-                ids.extend(self.encode_words([text])[0])
+                ids.extend(self.encode_words([value + slot_text[kind]])[0])
                 if kind == "label" and not label_positions:
                     label_positions = list(range(start, len(ids)))
         return Prompt(
@@ -361,6 +444,7 @@ class PromptBuilder:
             shared_len=len(ids) if shared_len is None else shared_len,
             word_spans=word_spans,
             label_positions=label_positions,
+            sentence_start=sentence_start,
         )
 
     def answer_ids(self, prompt: Prompt, spans: Sequence[Tuple[int, int]]) -> List[int]:

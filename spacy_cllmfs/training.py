@@ -23,6 +23,7 @@ from spacy.util import registry
 
 from . import batching
 from .decoding import cache_kwarg, cache_of
+from .demonstrations import Demonstrations
 from .labels import LabelInfo, annotated_labels
 from .losses import (
     CONTRASTIVE_LOSSES,
@@ -245,6 +246,7 @@ def make_items(
     settings: TrainingSettings,
     rng: random.Random,
     cooccurrence: Optional[LabelCooccurrence] = None,
+    demonstrations: Optional[Demonstrations] = None,
 ) -> List[TrainingItem]:
     """Turn gold examples into training prompts: per sentence window, one per label
     with an entity there, and `settings.negatives_per_positive` times as many for
@@ -255,6 +257,8 @@ def make_items(
 
     cooccurrence (Optional[LabelCooccurrence]): Label co-occurrence of the training data,
         for `negative_sampling = "confusable"` (None: this batch's).
+    demonstrations (Optional[Demonstrations]): Worked examples for a template with an
+        `{examples}` slot; a window is never shown as its own example.
     RAISES (ValueError): If the settings come from a retired registered version.
     """
     if settings.retired:
@@ -282,7 +286,8 @@ def make_items(
                 choose_negatives(present, absent, n_negatives, rng, settings.negative_sampling, cooccurrence)
             )
             pieces = builder.word_pieces(window)
-            prompts = builder.build(pieces, [info for info in doc_labels if info.label in kept])
+            examples = demonstrations.texts(builder.template, window.text) if demonstrations else None
+            prompts = builder.build(pieces, [info for info in doc_labels if info.label in kept], examples)
             for prompt in prompts:
                 spans = [(start, end) for label, start, end in inside if label == prompt.label]
                 answer = builder.answer_ids(prompt, spans)

@@ -1,4 +1,7 @@
+import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import spacy
@@ -9,6 +12,7 @@ from spacy.training import Example
 from conftest import randomize_adapter
 from spacy_cllmfs.adapters import AdapterState
 from spacy_cllmfs.alignment import locate
+from spacy_cllmfs.inference import prefill_tokens, prompt_groups
 
 TEXTS = [
     "Barack Obama visited Paris.",
@@ -285,13 +289,18 @@ def test_shared_prefix_gives_the_same_entities_as_unshared(tiny_model_config, te
     assert [ents(d) for d in shared] == [ents(d) for d in unshared]
     assert [candidates(d) for d in shared] == [candidates(d) for d in unshared]
     assert sum(len(d.spans["c"]) for d in shared) > 0 or not constrained  # free: junk answers
-    # each window's shared ids are computed once, then each label's own ids
-    tasks = ner.make_prompts([nlp.make_doc(t) for t in texts])
+    # shared prefixes are computed once per group, then each prompt's own ids
+    docs = [nlp.make_doc(t) for t in texts]
+    tasks = ner.make_prompts(docs)
     assert unshared_tokens == sum(len(p.ids) for task in tasks for p in task.prompts)
-    assert ner.stats.prompt_tokens == sum(
-        task.prompts[0].shared_len + sum(len(p.suffix) for p in task.prompts) for task in tasks)
-    if template.endswith("v2"):  # the sentence is part of the shared ids
+    batches = [ner.make_prompts(docs[i : i + 6]) for i in range(0, len(docs), 6)]
+    assert ner.stats.prompt_tokens == sum(prefill_tokens(prompt_groups(b, 5)[0], 5) for b in batches)
+    groups = prompt_groups(batches[0], 5)[0]
+    if template.endswith("v2"):  # per window: the sentence is part of the shared ids
         assert all(t.prompts[0].shared_len > t.prompts[0].word_spans[-1][1] for t in tasks)
+        assert len(groups) == len([t for t in batches[0] if t.prompts])
+    else:  # per label: the instruction before the sentence is shared by all windows
+        assert {tuple(g.prefix) for g in groups} == {tuple(p.ids[: p.sentence_start]) for p in batches[0][0].prompts}
 
 
 def test_candidates_come_from_the_copied_positions(tiny_model_config):
@@ -309,3 +318,52 @@ def test_candidates_come_from_the_copied_positions(tiny_model_config):
             # the positions agree with searching the window's text for the copied text
             pieces = ner.builder.word_pieces(doc[:])
             assert (start, end) in locate(pieces, doc[start:end].text).ranges
+
+
+def test_worked_examples_are_chosen_shown_shared_and_saved(tiny_model_config, tmp_path, caplog):
+    """prompt.v3: `initialize` chooses the examples, every prompt of a label shows them
+    (shared by all windows of a batch), and the pipeline saves them."""
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("cllmfs_ner", config={
+        "model": tiny_model_config, "max_new_tokens": 16, "candidates_key": "c", "batch_size": 4,
+        "prompt": {"@misc": "spacy_cllmfs.prompt.v3", "demonstrations": 1}})
+    gold = []
+    for text, spans in [("Obama visited Paris.", [(0, 1, "person"), (2, 3, "location")]),
+                        ("Angela Merkel met Marie Curie in Geneva.", [(0, 2, "person"), (3, 5, "person")])]:
+        doc = nlp.make_doc(text)
+        doc.ents = [Span(doc, s, e, label=label) for s, e, label in spans]
+        gold.append(Example(nlp.make_doc(text), doc))
+    nlp.initialize(lambda: gold)
+    assert ner.labels == ("location", "person")
+    assert [d.text for d in ner.demonstrations.by_label["person"]] == ["Obama visited Paris.", gold[1].text]
+    randomize_adapter(ner, seed=2)
+    prompts = ner.make_prompts([nlp.make_doc(t) for t in TEXTS[:2]])
+    shown = [ner.builder.decode(p.ids) for p in prompts[0].prompts + prompts[1].prompts]
+    assert "Example sentence: Obama visited Paris.\n" in shown[1] + shown[3]
+    ner.shared_prefix = False
+    unshared = list(nlp.pipe(TEXTS))
+    ner.shared_prefix = True
+    shared = list(nlp.pipe(TEXTS))
+    assert [candidates(d) for d in shared] == [candidates(d) for d in unshared]
+    nlp.to_disk(tmp_path / "pipeline")
+    loaded = spacy.load(tmp_path / "pipeline")
+    assert loaded.get_pipe("cllmfs_ner").demonstrations.by_label == ner.demonstrations.by_label
+    assert [candidates(d) for d in loaded.pipe(TEXTS)] == [candidates(d) for d in shared]
+    copy = spacy.util.load_model_from_config(nlp.config)
+    copy.from_bytes(nlp.to_bytes())
+    assert copy.get_pipe("cllmfs_ner").demonstrations.by_label == ner.demonstrations.by_label
+    cfg = tmp_path / "pipeline" / "cllmfs_ner" / "cfg"
+    state = json.loads(cfg.read_text())
+    del state["demonstrations"]
+    cfg.write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="spacy_cllmfs"):
+        spacy.load(tmp_path / "pipeline")
+    assert "none were saved with it" in caplog.text
+
+
+def test_every_registered_function_has_an_entry_point():
+    root = Path(__file__).parent.parent
+    source = "".join(p.read_text() for p in (root / "spacy_cllmfs").glob("*.py"))
+    registered = set(re.findall(r'registry\.misc\("(spacy_cllmfs\.[^"]+)"\)', source))
+    entry_points = set(re.findall(r'"(spacy_cllmfs\.[\w.]+) = ', (root / "setup.py").read_text()))
+    assert len(registered) >= 7 and registered <= entry_points

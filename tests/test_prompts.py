@@ -3,7 +3,7 @@ import spacy
 from transformers import AutoTokenizer
 
 from spacy_cllmfs.labels import LabelInfo, default_description, default_name, label_infos
-from spacy_cllmfs.prompts import PromptBuilder, PromptTemplate, prompt_v1, prompt_v2
+from spacy_cllmfs.prompts import PromptBuilder, PromptTemplate, prompt_v1, prompt_v2, prompt_v3
 
 PERSON = LabelInfo("person", "person", "names of people")
 LOCATION = LabelInfo("LOC", "location", "names of places")
@@ -189,3 +189,44 @@ def test_prompt_v2_shares_the_sentence_and_empties_the_system_message(builder, t
     assert "<|im_start|>system\n<|im_end|>" in text  # the empty system message
     old = builder.build(builder.word_pieces(doc[:]), [PERSON])[0]
     assert len(person.suffix) < len(old.ids) - old.shared_len
+
+
+def test_prompt_v3_shows_worked_examples_before_the_sentence(tokenizer, nlp):
+    builder = PromptBuilder(prompt_v3(), tokenizer)
+    template = builder.template
+    examples = {"person": template.render_examples([("Obama spoke .", ["Obama"]), ("Nobody came .", [])])}
+    assert examples["person"] == (
+        "Example sentence: Obama spoke .\nI can extract entities for you, the extracted entities are <<< Obama >>>\n\n"
+        "Example sentence: Nobody came .\nI can extract entities for you, the extracted entities are\n\n"
+    )
+    prompts = {}
+    for text in ("Barack Obama visited Paris.", "Merkel met Curie."):
+        doc = nlp(text)
+        prompts[text] = builder.build(builder.word_pieces(doc[:]), [PERSON, LOCATION], examples)
+    person, location = prompts["Barack Obama visited Paris."]
+    text = builder.decode(person.ids)
+    assert "refers to names of people.\nExample sentence: Obama spoke .\n" in text
+    assert "extracted entities are\n\nInput sentence: Barack Obama visited Paris." in text
+    assert "Example" not in builder.decode(location.ids)  # no examples for that label
+    # what precedes the sentence depends on the label only
+    other = prompts["Merkel met Curie."][0]
+    assert person.ids[: person.sentence_start] == other.ids[: other.sentence_start]
+    assert person.sentence_start == person.word_spans[0][0]
+    assert builder.overhead(PERSON, examples) == len(person.ids) - len(person.sentence_ids())
+    assert builder.overhead(PERSON, examples) > builder.overhead(PERSON)
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"demonstrations": 2}, "no|0 {examples} slot"),
+        ({"instruction": "Find {label}: {examples}{sentence}"}, "demonstrations"),
+        ({"instruction": "Find {label}: {examples}{examples}{sentence}", "demonstrations": 1}, "at most once"),
+        ({"instruction": "Find {label}: {examples}{sentence}", "demonstrations": -1}, ">= 0"),
+        ({"instruction": "Find {label}: {examples}{sentence}", "demonstrations": 1, "example": "{sentence}"},
+         "answer"),
+    ],
+)
+def test_bad_example_settings_are_rejected(settings, match):
+    with pytest.raises(ValueError, match=match):
+        PromptTemplate(**settings)

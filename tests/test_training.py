@@ -415,3 +415,24 @@ class patch_capture_fallback:
 
     def __exit__(self, *exc):
         LayerCapture.__init__ = self.init
+
+
+def test_training_prompts_never_show_their_own_sentence_as_an_example(tiny_model_config):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("cllmfs_ner", config={
+        "model": tiny_model_config, "max_new_tokens": 16, "prompt": {"@misc": "spacy_cllmfs.prompt.v3"},
+        "training": {"@misc": "spacy_cllmfs.training.v2", "negatives_per_positive": None}})
+    examples = make_examples(nlp)
+    nlp.initialize(lambda: examples)
+    ner = nlp.get_pipe("cllmfs_ner")
+    items = ner.training_items(examples)
+    assert len(items) == len(GOLD) * 2
+    for item in items:
+        text = ner.builder.decode(item.prompt.ids)
+        sentence = ner.builder.decode(item.prompt.sentence_ids()).strip()
+        assert f"Example sentence: {sentence}\n" not in text
+        assert text.count("Example sentence: ") == 2  # each label has 3 sentences to choose from
+    # the same prompt as at inference where the sentence is not one of the examples
+    doc = nlp.make_doc("The weather was nice .")
+    inference = ner.make_prompts([doc])[0].prompts
+    assert [p.ids for p in inference] == [item.prompt.ids for item in items[4:6]]
