@@ -254,7 +254,7 @@ class CLLMFSNer(TrainablePipe):
         self._set_labels(labels, label_descriptions or {}, label_names or {})
         self._builder: Optional[PromptBuilder] = None
         self._budget: Optional[Tuple[tuple, int]] = None
-        self.demonstrations = Demonstrations()
+        self._demonstrations = Demonstrations()
 
     # -- decoding settings: views of `self.decoding`, settable --------------------
 
@@ -326,13 +326,19 @@ class CLLMFSNer(TrainablePipe):
             self._builder = PromptBuilder(self.prompt, self.model.tokenizer)
         return self._builder
 
+    @property
+    def demonstrations(self) -> Demonstrations:
+        """RETURNS (Demonstrations): The worked examples a prompt.v3 template shows."""
+        return self._demonstrations
+
+    @demonstrations.setter
+    def demonstrations(self, value: Demonstrations) -> None:
+        self._demonstrations = value
+        self._budget = None  # the examples are part of every prompt's length
+
     def window_budget(self) -> int:
         """RETURNS (int): The most model tokens a sentence window may take."""
-        examples = self.demonstrations.texts(self.prompt) if self._shows_examples else {}
-        key = (
-            tuple(self.label_infos), self.max_window_tokens, self.decoding.max_new_tokens, id(self.builder),
-            tuple(sorted(examples.items())),
-        )
+        key = (tuple(self.label_infos), self.max_window_tokens, self.decoding.max_new_tokens, id(self.builder))
         if self._budget is None or self._budget[0] != key:
             budget = window_budget(
                 self.builder,
@@ -340,7 +346,7 @@ class CLLMFSNer(TrainablePipe):
                 self.model.context_length,
                 self.max_window_tokens,
                 self.decoding.max_new_tokens,
-                examples,
+                self.demonstrations.texts(self.prompt) if self._shows_examples else None,
             )
             self._budget = (key, budget)
         return self._budget[1]

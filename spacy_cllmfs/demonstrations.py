@@ -29,13 +29,16 @@ class Demonstration:
 
 
 class Demonstrations:
-    """Per label, its worked examples in the order they are shown.
+    """Per label, its worked examples in the order they are shown. Not to be changed
+    once made: `texts` keeps what it renders.
 
     by_label (Mapping[str, Sequence[Demonstration]]): The examples of each label.
     """
 
     def __init__(self, by_label: Optional[Mapping[str, Sequence[Demonstration]]] = None) -> None:
         self.by_label: Dict[str, List[Demonstration]] = {k: list(v) for k, v in (by_label or {}).items()}
+        self._shown = {d.text for demos in self.by_label.values() for d in demos}
+        self._rendered: Dict[PromptTemplate, Dict[str, str]] = {}
 
     @classmethod
     def from_examples(
@@ -81,9 +84,17 @@ class Demonstrations:
         """The `{examples}` text of each label for a prompted sentence: its first
         `template.demonstrations` examples that are not `sentence` itself.
 
-        RETURNS (Dict[str, str]): Per label, the rendered examples ("" for none).
+        RETURNS (Dict[str, str]): Per label, the rendered examples ("" for none); for a
+            sentence that is no example, one dict shared by all calls (do not change it).
         """
         sentence = sentence.strip() if sentence is not None else None
+        if sentence not in self._shown:
+            if template not in self._rendered:
+                self._rendered[template] = self._render(template, None)
+            return self._rendered[template]
+        return self._render(template, sentence)
+
+    def _render(self, template: PromptTemplate, sentence: Optional[str]) -> Dict[str, str]:
         result: Dict[str, str] = {}
         for label, demos in self.by_label.items():
             shown = [d for d in demos if d.text != sentence][: template.demonstrations]
