@@ -9,6 +9,9 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
   spacy_ner        spaCy's own NER (`spacy train`, default CPU `ner` config)
   spacy_llm        spacy-llm's `llm` component, `spacy.NER.v3` task, the shots as prompt
                    examples, served by spacy_cllmfs.SpacyLLMModel (no adapter)
+  spacy_llm_lora   spacy_llm, its LoRA adapter first trained on the task's own prompts
+                   (spacy_cllmfs.llm_tuning.tune_llm: one prompt per sentence for all labels,
+                   the sentence left out of the examples shown), best of `dev_evals` on dev
   cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
   cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
   cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
@@ -62,18 +65,19 @@ from bench.machine import cpu_model, load_averages  # noqa: E402
 from spacy_cllmfs.adapters import AdapterState  # noqa: E402
 from spacy_cllmfs.corpora import read_conll  # noqa: E402
 from spacy_cllmfs.labels import default_description  # noqa: E402
+from spacy_cllmfs.llm_tuning import TuningSettings, tune_llm  # noqa: E402
 from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated  # noqa: E402
 from spacy_cllmfs.mixing import mix_corpora  # noqa: E402
 from spacy_cllmfs.models import HFCausalLM  # noqa: E402
 from spacy_cllmfs.sampling import greedy_k_shot, label_counts  # noqa: E402
 from spacy_cllmfs.spacy_llm import SpacyLLMModel, write_ner_v3_examples
 
-SYSTEMS = ("spacy_ner", "spacy_llm", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_general",
+SYSTEMS = ("spacy_ner", "spacy_llm", "spacy_llm_lora", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_general",
            "cllmfs_sentence_first", "cllmfs_examples", "cllmfs_icl", "cllmfs_center", "cllmfs_other_types")
 # contrastive variants: rows of the table only where they were run
 ABLATIONS = ("cllmfs_center", "cllmfs_other_types")
 # systems shown as rows of a table only where they were run
-OPTIONAL = ABLATIONS + ("cllmfs_examples", "cllmfs_icl")
+OPTIONAL = ABLATIONS + ("cllmfs_examples", "cllmfs_icl", "spacy_llm_lora")
 # how a cllmfs system's training.v2 settings differ from cllmfs (LoRA + contrastive 0.1)
 RECIPES: Dict[str, Dict[str, Any]] = {
     "cllmfs_lora": {"contrastive_weight": 0.0},
@@ -89,6 +93,7 @@ PROMPTS = {
 SYSTEM_NAMES = {
     "spacy_ner": "spaCy NER (CPU config)",
     "spacy_llm": "spacy-llm NER.v3, in-context shots",
+    "spacy_llm_lora": "spacy-llm NER.v3, in-context shots + LoRA tuned on its prompts",
     "cllmfs_lora": "cllmfs_ner, LoRA only",
     "cllmfs": "cllmfs_ner, LoRA + contrastive",
     "cllmfs_transfer": "cllmfs_ner, CoNLL-2003 -> domain",
@@ -113,6 +118,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "source_limit": 200, "source_epochs": 1,
         "general_size": 250, "extra_general_sizes": {"politics": [100, 500, 1000]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
+        "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4,
     },
     # the real-model CPU matrix: Qwen2.5-Coder-1.5B-Instruct (bench/get_model.py), K=5 on the
     # four domains and K=20 on politics, 100 test sentences
@@ -124,6 +130,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "source_limit": 500, "source_epochs": 1,
         "general_size": 1000, "extra_general_sizes": {"politics": [250, 500]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
+        "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4,
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
     "gpu": {
@@ -134,6 +141,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "source_limit": 2000, "source_epochs": 2,
         "general_size": 4000, "extra_general_sizes": {"politics": [1000]}, "general_epochs": 2,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
+        "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4,
     },
 }
 _PRELOADED: Dict[str, Any] = {}
@@ -273,7 +281,10 @@ def run_spacy_ner(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]) -> Dict[str, Any]:
+def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any], tune: bool = False,
+                  seed: int = 0) -> Dict[str, Any]:
+    """spacy-llm's NER.v3 with the shots as prompt examples; with `tune`, its LoRA adapter is
+    first trained on the task's own prompts (`spacy_cllmfs.llm_tuning.tune_llm`, leave one out)."""
     lm: HFCausalLM = _PRELOADED["lm"]
     lm.reset_adapter()
     model = SpacyLLMModel(lm, max_new_tokens=settings["llm_max_new_tokens"], batch_size=settings["decode_batch_size"])
@@ -291,9 +302,21 @@ def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
             },
             "model": {"@llm_models": name},
         })
-        return {"train_s": 0.0, "prompt_examples": n_examples, **score(nlp, domain.test)}
+        info: Dict[str, Any] = {"train_s": 0.0, "prompt_examples": n_examples}
+        if tune:
+            begin = time.time()
+            tuning = TuningSettings(epochs=settings["llm_tune_epochs"], learn_rate=settings["llm_tune_learn_rate"],
+                                    seed=seed)
+            report = tune_llm(nlp, as_examples(nlp, shots), settings=tuning,
+                              dev=as_examples(nlp, domain.dev[: settings["dev_limit"]]),
+                              evaluations=settings["dev_evals"])
+            info.update(train_s=time.time() - begin, steps=len(report.losses), first_loss=report.losses[0],
+                        last_loss=report.losses[-1], dev_sentences=min(len(domain.dev), settings["dev_limit"]),
+                        dev_scores={str(k): v for k, v in report.dev_scores.items()}, best_step=report.best_step)
+        return {**info, **score(nlp, domain.test)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        lm.reset_adapter()
 
 
 def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language) -> AdapterState:
@@ -477,8 +500,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         begin, load = time.time(), load_averages()
         if system == "spacy_ner":
             result = run_spacy_ner(shots, domain, settings, seed)
-        elif system == "spacy_llm":
-            result = run_spacy_llm(shots, domain, settings)
+        elif system in ("spacy_llm", "spacy_llm_lora"):
+            result = run_spacy_llm(shots, domain, settings, tune=system == "spacy_llm_lora", seed=seed)
         else:
             model_nlp = cllmfs_nlp(settings, system)
             start, general = None, None

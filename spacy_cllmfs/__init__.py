@@ -6,6 +6,7 @@ Importing the package registers the `cllmfs_ner` factory and the
 from .about import __version__
 from .callbacks import checkpoint_v1
 from .component import CLLMFSNer, make_cllmfs_ner
+from .llm_tuning import TuningSettings, tune_llm
 from .models import HFCausalLM, LoRASettings, hf_causal_lm_v1, lora_v1
 from .prompts import PromptTemplate, prompt_v1
 from .spacy_llm import SpacyLLMModel, ner_v3_examples, spacy_llm_model_v1, write_ner_v3_examples
@@ -18,6 +19,7 @@ __all__ = [
     "PromptTemplate",
     "SpacyLLMModel",
     "TrainingSettings",
+    "TuningSettings",
     "__version__",
     "checkpoint_v1",
     "hf_causal_lm_v1",
@@ -29,4 +31,5 @@ __all__ = [
     "prompt_v1",
     "training_v1",
     "training_v2",
+    "tune_llm",
 ]

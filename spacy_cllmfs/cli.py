@@ -35,6 +35,20 @@ def _report_errors() -> Iterator[None]:
                 typer.echo(f"Warning: {warning.message}", err=True)
 
 
+def save_pipeline(nlp: Any, output_path: Path, suffix: str) -> None:
+    """Save `nlp` next to `output_path` first, then swap it in, so that an error never
+    leaves half a pipeline (`output_path` may be the folder `nlp` was loaded from)."""
+    import shutil
+
+    tmp = output_path.with_name(output_path.name + suffix)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    nlp.to_disk(tmp)
+    if output_path.exists():
+        shutil.rmtree(output_path)
+    tmp.rename(output_path)
+
+
 @app.command("convert")
 def convert_cli(
     input_path: Path = typer.Argument(..., help="Corpus file (CoNLL/BIO, IO, Few-NERD or spaCy JSONL)."),
@@ -126,8 +140,6 @@ def calibrate_cli(
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
 ) -> None:
     """Calibrate the open-or-end decision (`open_bias`) of a trained pipeline on a dev set."""
-    import shutil
-
     import spacy
 
     from .component import CLLMFSNer
@@ -141,14 +153,7 @@ def calibrate_cli(
             raise ValueError(f"'{pipeline}' has no cllmfs_ner component named '{component}' (it has {nlp.pipe_names}).")
         docs = load_docbin(dev_path, nlp.vocab)
         result = ner.calibrate(as_examples(nlp, docs))
-        # write next to the target and swap, so that an error never leaves half a pipeline
-        tmp = output_path.with_name(output_path.name + ".calibrating")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        nlp.to_disk(tmp)
-        if output_path.exists():
-            shutil.rmtree(output_path)
-        tmp.rename(output_path)
+        save_pipeline(nlp, output_path, ".calibrating")
     checked = ""
     if result.ents_f_before is not None:
         verdict = "kept" if result.kept else f"not kept: open_bias stays {ner.open_bias:+.3f}"
@@ -156,6 +161,86 @@ def calibrate_cli(
     typer.echo(
         f"open_bias = {result.open_bias:+.3f} on {result.prompts} dev prompts ({result.positives} with an entity): "
         f"prompt-level F1 {result.f1_before:.3f} -> {result.f1_after:.3f}{checked}. Wrote {output_path}"
+    )
+
+
+@app.command("llm-config")
+def llm_config_cli(
+    train_path: Path = typer.Argument(..., help="Gold .spacy few-shot set: the labels and the prompt examples."),
+    output_dir: Path = typer.Argument(..., help="Folder for llm.cfg and examples.json."),
+    model: str = typer.Option("embedded", "--model", "-m", help="Hub name, folder, .gguf file or 'embedded'."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="The most tokens of one answer."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
+) -> None:
+    """Write a spacy-llm pipeline config (spacy.NER.v3 served by spacy_cllmfs.SpacyLLMModel.v1)
+    whose labels and few-shot examples are those of a gold .spacy set."""
+    import spacy
+
+    from .labels import default_description
+    from .spacy_llm import MODEL_NAME, write_ner_v3_examples
+
+    with _report_errors():
+        docs = load_docbin(train_path, Vocab())
+        labels = sorted(label_counts(docs))
+        if not labels:
+            raise ValueError(f"{train_path} has no entities, so there are no labels. Fix: pass the gold few-shot set.")
+        examples = output_dir / "examples.json"
+        n_examples = write_ner_v3_examples(docs, labels, examples)
+        nlp = spacy.blank("en")
+        nlp.add_pipe("llm", config={
+            "task": {
+                "@llm_tasks": "spacy.NER.v3", "labels": labels,
+                "label_definitions": {label: default_description(label) for label in labels},
+                "examples": {"@misc": "spacy.FewShotReader.v1", "path": str(examples)},
+            },
+            "model": {"@llm_models": MODEL_NAME, "name": model, "device": device,
+                      "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        })
+        nlp.config.to_disk(output_dir / "llm.cfg")
+    typer.echo(f"Wrote {output_dir / 'llm.cfg'} ({len(labels)} labels) and {n_examples} examples to {examples}")
+
+
+@app.command("tune-llm")
+def tune_llm_cli(
+    pipeline: Path = typer.Argument(..., help="An `llm` pipeline: a config file (.cfg) or a pipeline folder."),
+    train_path: Path = typer.Argument(..., help="Gold .spacy training set (the few shots)."),
+    output_path: Path = typer.Argument(..., help="Folder for the tuned pipeline (may be `pipeline` if a folder)."),
+    dev_path: Optional[Path] = typer.Option(None, "--dev", help="Gold .spacy dev set: keep the best adapter on it."),
+    component: str = typer.Option("llm", "--component", help="Name of the spacy-llm component."),
+    epochs: int = typer.Option(4, "--epochs", help="Passes over the training set."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Sentences per optimizer step."),
+    learn_rate: float = typer.Option(3e-4, "--learn-rate", help="Peak learn rate."),
+    evaluations: int = typer.Option(2, "--evaluations", help="Dev evaluations during training."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the order of sentences and examples."),
+    gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
+) -> None:
+    """Tune the LoRA adapter of a spacy-llm `llm` component (served by
+    spacy_cllmfs.SpacyLLMModel.v1) on its task's own prompts, then save the pipeline."""
+    import spacy
+    from spacy_llm.util import assemble
+
+    from .llm_tuning import TuningSettings, tune_llm
+    from .loop import as_examples
+
+    with _report_errors():
+        overrides = {f"components.{component}.model.device": f"cuda:{gpu_id}"} if gpu_id >= 0 else {}
+        if pipeline.is_file():
+            nlp = assemble(pipeline, overrides=overrides)
+        else:
+            nlp = spacy.load(pipeline, config=overrides)
+        settings = TuningSettings(epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, seed=seed)
+        train = as_examples(nlp, load_docbin(train_path, nlp.vocab))
+        dev = as_examples(nlp, load_docbin(dev_path, nlp.vocab)) if dev_path is not None else []
+        report = tune_llm(nlp, train, component=component, settings=settings, dev=dev, evaluations=evaluations)
+        save_pipeline(nlp, output_path, ".tuning")
+    dev_note = ""
+    if report.dev_scores:
+        scores = ", ".join(f"{step}: {value:.3f}" for step, value in sorted(report.dev_scores.items()))
+        dev_note = f"; dev ents_f by step {{{scores}}}, kept step {report.best_step}"
+    typer.echo(
+        f"Tuned {len(report.losses)} steps on {len(train)} sentences: loss {report.losses[0]:.3f} -> "
+        f"{report.losses[-1]:.3f}{dev_note}. Wrote {output_path}"
     )
 
 

@@ -9,9 +9,11 @@ file or "embedded") and, optionally, the LoRA adapter of a trained
     name = "embedded"
     adapter = "training/model-best/cllmfs_ner/adapter"
 
-All prompts of a call are decoded greedily together, in batches. The
-`ner_v3_examples` helpers turn gold Docs into few-shot examples for
-`spacy.NER.v3` (read with `spacy.FewShotReader.v1`), for benchmarks.
+All prompts of a call are decoded greedily together, in batches. The LoRA
+adapter is saved with the pipeline (`nlp.to_disk`) and restored by `spacy.load`,
+so an adapter tuned on the task's own prompts (`llm_tuning.tune_llm`) travels
+with it. The `ner_v3_examples` helpers turn gold Docs into few-shot examples
+for `spacy.NER.v3` (read with `spacy.FewShotReader.v1`).
 
 This module does not import spacy_llm: it registers into the `llm_models`
 registry through spaCy's registry (creating it as spacy-llm would), so that
@@ -27,6 +29,7 @@ import srsly
 from spacy.tokens import Doc
 from spacy.util import registry
 
+from .adapters import AdapterState
 from .decoding import DecodingStats
 from .embedded import EMBEDDED_NAME
 from .inference import DecodingSettings, generate_texts
@@ -38,6 +41,7 @@ logger = logging.getLogger("spacy_cllmfs")
 REGISTRY_NAME = "llm_models"
 MODEL_NAME = "spacy_cllmfs.SpacyLLMModel.v1"
 _MARK = "\x1fANSWER\x1f"
+ADAPTER_DIR = "adapter"
 
 
 def _llm_models() -> Any:
@@ -163,6 +167,39 @@ class SpacyLLMModel:
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         text = f"{self.system_prompt}\n\n{prompt}" if self.system_prompt else prompt
         return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def to_bytes(self, *, exclude: Tuple[str, ...] = tuple()) -> bytes:
+        """Serialize the LoRA adapter (spacy-llm's `llm` component calls this, so
+        `nlp.to_bytes` keeps a tuned adapter). The base model is not serialized.
+
+        RETURNS (bytes): The adapter, or an empty record without one.
+        """
+        state = self.lm.adapter_state()
+        return srsly.msgpack_dumps({"adapter": None if state is None else state.to_bytes()})
+
+    def from_bytes(self, bytes_data: bytes, *, exclude: Tuple[str, ...] = tuple()) -> "SpacyLLMModel":
+        """Load the LoRA adapter saved by `to_bytes`, if there is one."""
+        data = srsly.msgpack_loads(bytes_data)
+        if data.get("adapter") is not None:
+            self.lm.set_adapter(AdapterState.from_bytes(data["adapter"]))
+        return self
+
+    def to_disk(self, path: Union[str, Path], *, exclude: Tuple[str, ...] = tuple()) -> None:
+        """Save the LoRA adapter to `path/adapter` (nothing without one). spacy-llm's
+        `llm` component calls this, so `nlp.to_disk` keeps a tuned adapter and
+        `spacy.load` restores it over the configured one."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = self.lm.adapter_state()
+        if state is not None:
+            state.to_disk(path / ADAPTER_DIR)
+
+    def from_disk(self, path: Union[str, Path], *, exclude: Tuple[str, ...] = tuple()) -> "SpacyLLMModel":
+        """Load the LoRA adapter saved by `to_disk`, if there is one."""
+        folder = Path(path) / ADAPTER_DIR
+        if folder.exists():
+            self.lm.set_adapter(AdapterState.from_disk(folder))
+        return self
 
     @property
     def end_id(self) -> int:

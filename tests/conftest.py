@@ -42,6 +42,16 @@ def tiny_nlp(tiny_model_config: Dict) -> spacy.Language:
     return nlp
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a busy shared CPU, two threads make the tiny
+    model much slower (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_adapter(component, seed: int = 0, scale: float = 0.5) -> None:
     """Attach a LoRA adapter with non-zero random weights, so that it changes outputs."""
     component.model.ensure_lora()

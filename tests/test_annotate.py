@@ -68,15 +68,7 @@ def write_jsonl(path, n, seed=0):
     return expected
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread in this process, as in the workers: the machine may be shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one thread, as in the workers
 
 
 @pytest.fixture(scope="module")

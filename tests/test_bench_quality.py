@@ -32,7 +32,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
         "--device", "cpu", "--domains", "politics", "--shots", "1", "--test-limit", "3", "--epochs", "1",
         "--output", str(output), "--work", str(tmp_path / "work"),
         "--set", "source_limit=4", "--set", "spacy_ner_steps=4", "--set", "max_new_tokens=12",
-        "--set", "llm_max_new_tokens=12", "--set", "dev_limit=3",
+        "--set", "llm_max_new_tokens=12", "--set", "dev_limit=3", "--set", "llm_tune_epochs=1",
         "--set", "general_size=4", "--set", 'extra_general_sizes={"politics": [6]}',
     ]
     quality.main(argv + ["--time-budget", "1e-9"])  # the budget is spent before the first run
@@ -64,6 +64,8 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     cllmfs = results["runs"]["cllmfs|politics|k1|s0"]
     assert cllmfs["dev_sentences"] == 3 and cllmfs["best_step"] in (1, 2) and len(cllmfs["dev_scores"]) <= 2
     assert set(cllmfs["calibration"]) >= {"open_bias", "f1_before", "f1_after"}
+    tuned = results["runs"]["spacy_llm_lora|politics|k1|s0"]  # scored untrained (step 0), then tuned
+    assert tuned["steps"] >= 1 and "0" in tuned["dev_scores"] and tuned["best_step"] in (0, tuned["steps"])
     try:  # continuing the file with other settings would mix two matrices
         quality.main(argv + ["--set", "negatives_per_positive=2.0"])
         raise AssertionError("a results file of other settings was continued")

@@ -99,3 +99,13 @@ def test_general_adapter_then_few_shot(project_dir, tiny_model_path):
     excluded = {**general, "general_corpora": f"{project_dir / 'data' / 'mini' / 'train.txt'}"}
     result = run_project(project_dir, tiny_model_path, "mix", **excluded)  # the target's data would leak
     assert result.returncode != 0 and "leak" in result.stderr
+
+
+def test_llm_workflow_tunes_and_evaluates_the_spacy_llm_pipeline(project_dir, tiny_model_path):
+    result = run_project(project_dir, tiny_model_path, "llm", llm_epochs=1, llm_max_new_tokens=16)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = project_dir / "training" / "llm-mini-k1-s0"
+    assert (run / "llm.cfg").exists() and (run / "examples.json").exists()
+    assert "Tuned " in result.stdout and "kept step" in result.stdout
+    metrics = json.loads((project_dir / "metrics" / "llm-mini-k1-s0.json").read_text())
+    assert {"ents_p", "ents_r", "ents_f", "ents_per_type"} <= set(metrics)

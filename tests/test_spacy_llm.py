@@ -30,13 +30,7 @@ TEXTS = [
 PROMPTS = ["Barack Obama visited Paris.", "Hello", "Extract the person entities: Marie Curie won.", "x y z"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy shared CPU, two threads make this tiny model ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,293 @@
+"""Fine-tune the LoRA adapter of a spacy-llm `llm` component on its own prompts.
+
+The `llm` component asks one question per sentence for all labels at once
+(e.g. `spacy.NER.v3`: the label definitions, few-shot examples, then the
+sentence). `tune_llm` trains the LoRA adapter of its model
+(`spacy_cllmfs.SpacyLLMModel.v1`) to give the gold answer to exactly the prompt
+the task renders, so that what is learned is what is used at inference:
+
+    nlp = spacy.load("...")  # an `llm` component: spacy.NER.v3 + SpacyLLMModel.v1
+    report = tune_llm(nlp, train_examples, dev=dev_examples)
+    nlp.to_disk("tuned")  # the adapter is saved with the pipeline
+
+or `python -m spacy_cllmfs tune-llm PIPELINE_OR_CONFIG train.spacy tuned --dev dev.spacy`.
+
+A training sentence that is also one of the task's few-shot examples is asked
+without it (leave one out), so the adapter cannot learn to copy the answer from
+the prompt; the order of the examples shown is shuffled each epoch. The gold
+answer is written as the task writes an example's answer (for chain-of-thought
+span tasks such as `spacy.NER.v3`: `1. span | True | label | reason` lines).
+"""
+import contextlib
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from spacy.language import Language
+from spacy.training import Example
+
+from .prompts import Prompt
+from .spacy_llm import MODEL_NAME, SpacyLLMModel
+from .training import TrainingItem, TrainingSettings, accumulate
+
+logger = logging.getLogger("spacy_cllmfs")
+
+
+@dataclass
+class TuningSettings:
+    """How `tune_llm` trains.
+
+    epochs (int): Passes over the training examples.
+    batch_size (int): Examples per optimizer step.
+    learn_rate (float): Peak AdamW learn rate (linear warm-up, then linear decay to 0).
+    warmup_steps (int): Steps of linear warm-up.
+    grad_clip (float): Gradient norm clipping (0 turns it off).
+    leave_one_out (bool): Ask a training sentence without itself among the task's
+        few-shot examples.
+    shuffle_examples (bool): Show the few-shot examples in a new order each epoch.
+    micro_batch_size (int): Prompts per forward/backward pass.
+    seed (int): Seed for the order of examples and few-shot examples.
+    """
+
+    epochs: int = 4
+    batch_size: int = 2
+    learn_rate: float = 3e-4
+    warmup_steps: int = 2
+    grad_clip: float = 1.0
+    leave_one_out: bool = True
+    shuffle_examples: bool = True
+    micro_batch_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.learn_rate > 0, "learn_rate must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"tune_llm settings: {message}.")
+
+
+@dataclass
+class TuningPair:
+    """One training prompt (as the task renders it) and its gold answer text."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class TuningReport:
+    """What `tune_llm` did.
+
+    losses (List[float]): The mean answer-token loss of each step.
+    dev_scores (Dict[int, float]): The dev score at each evaluated step (0: before training).
+    best_step (int): The step whose adapter was kept.
+    """
+
+    losses: List[float] = field(default_factory=list)
+    dev_scores: Dict[int, float] = field(default_factory=dict)
+    best_step: int = 0
+
+
+def answer_text(prompt_example: Any) -> str:
+    """The answer a chain-of-thought span task expects for one of its few-shot
+    examples: one numbered `span | is_entity | label | reason` line per span, as
+    spacy-llm's ner.v3 and spancat.v3 templates write them.
+
+    prompt_example (Any): A spacy-llm `SpanCoTExample` (e.g. `NERCoTExample`).
+    RETURNS (str): The answer text ("" for no spans).
+    """
+    spans = getattr(prompt_example, "spans", None)
+    if spans is None or not all(hasattr(span, "to_str") for span in spans):
+        raise TypeError(
+            f"tune_llm writes the answers of chain-of-thought span tasks (spacy.NER.v3, "
+            f"spacy.SpanCat.v3), whose examples list `spans`; got {type(prompt_example).__name__}. "
+            "Fix: use one of these tasks."
+        )
+    return "\n".join(f"{i}. {span.to_str()}" for i, span in enumerate(spans, 1))
+
+
+def tuning_pairs(
+    task: Any, examples: Sequence[Example], rng: random.Random, settings: TuningSettings
+) -> List[TuningPair]:
+    """The training prompts of a spacy-llm span task, with their gold answers.
+
+    task (Any): The `llm` component's task (spacy.NER.v3 or spacy.SpanCat.v3).
+    examples (Sequence[Example]): Gold examples (`reference` holds the entities).
+    rng (random.Random): Orders the few-shot examples shown, if `shuffle_examples`.
+    RETURNS (List[TuningPair]): One pair per example, in order.
+    """
+    shown_all = list(getattr(task, "prompt_examples", None) or [])
+    wanted = {str(label).lower() for label in getattr(task, "labels", ())}
+    pairs: List[TuningPair] = []
+    for example in examples:
+        gold = task.prompt_example_type.generate(example, task)
+        if gold is None:
+            raise ValueError(
+                f"The task could not turn the training sentence {example.reference.text[:60]!r} into "
+                "an example. Fix: check that the gold docs carry the task's annotation."
+            )
+        if wanted and hasattr(gold, "spans"):
+            gold.spans = [span for span in gold.spans if str(span.label).lower() in wanted]
+        shown = list(shown_all)
+        if settings.leave_one_out:
+            shown = [shot for shot in shown if getattr(shot, "text", None) != example.reference.text]
+        if settings.shuffle_examples:
+            rng.shuffle(shown)
+        with _prompt_examples(task, shown):
+            prompts, _ = next(iter(task.generate_prompts([example.predicted])))
+        prompts = list(prompts)
+        if len(prompts) != 1:
+            raise ValueError(f"The task split a training sentence into {len(prompts)} prompts; expected one.")
+        pairs.append(TuningPair(prompt=prompts[0], answer=answer_text(gold)))
+    return pairs
+
+
+@contextlib.contextmanager
+def _prompt_examples(task: Any, shown: List[Any]) -> Iterator[None]:
+    """Let the task render its prompts with the few-shot examples `shown`."""
+    if not hasattr(task, "_prompt_examples"):
+        raise TypeError(
+            f"tune_llm needs a spacy-llm built-in task (spacy.NER.v3), got {type(task).__name__}, "
+            "whose few-shot examples it cannot set. Fix: use spacy.NER.v3 or spacy.SpanCat.v3."
+        )
+    kept = task._prompt_examples
+    task._prompt_examples = shown
+    try:
+        yield
+    finally:
+        task._prompt_examples = kept
+
+
+def tuning_items(model: SpacyLLMModel, pairs: Sequence[TuningPair]) -> List[TrainingItem]:
+    """Token ids of the pairs, as the model reads them (its chat template included);
+    the answer ends with the model's end-of-answer token."""
+    tokenizer = model.lm.tokenizer
+    items: List[TrainingItem] = []
+    for pair in pairs:
+        ids = model.encode(pair.prompt)
+        answer = list(tokenizer(pair.answer, add_special_tokens=False)["input_ids"]) + [model.end_id]
+        prompt = Prompt(ids=ids, label="", shared_len=len(ids), word_spans=[], label_positions=[])
+        items.append(TrainingItem(prompt, answer, None))
+    return items
+
+
+def llm_model_of(nlp: Language, component: str) -> Tuple[Any, SpacyLLMModel]:
+    """RETURNS (Tuple[Any, SpacyLLMModel]): The task and model of an `llm` component."""
+    if component not in nlp.pipe_names:
+        raise ValueError(
+            f"tune_llm: the pipeline has no component '{component}' (it has {nlp.pipe_names}). "
+            "Fix: pass the name of the spacy-llm component as `component`."
+        )
+    pipe = nlp.get_pipe(component)
+    task, model = getattr(pipe, "task", None), getattr(pipe, "_model", None)
+    if task is None or not isinstance(model, SpacyLLMModel):
+        raise TypeError(
+            f"tune_llm trains the adapter of an `llm` component served by {MODEL_NAME}; "
+            f"'{component}' has model {type(model).__name__}. Fix: set "
+            f'`[components.{component}.model] @llm_models = "{MODEL_NAME}"`.'
+        )
+    return task, model
+
+
+def tune_llm(
+    nlp: Language,
+    examples: Sequence[Example],
+    *,
+    component: str = "llm",
+    settings: Optional[TuningSettings] = None,
+    dev: Sequence[Example] = (),
+    evaluations: int = 2,
+    score: str = "ents_f",
+) -> TuningReport:
+    """Train the LoRA adapter of an `llm` component (spacy.NER.v3 served by
+    `spacy_cllmfs.SpacyLLMModel.v1`) to answer its task's prompts with the gold
+    answers of `examples`. The adapter configured on the model, if any, is trained
+    further; otherwise a fresh one (the model's LoRA settings) is attached.
+
+    examples (Sequence[Example]): Gold training examples.
+    component (str): The name of the `llm` component.
+    settings (Optional[TuningSettings]): How to train (None: the defaults).
+    dev (Sequence[Example]): A small gold dev set: scored before training and at
+        `evaluations` evenly spaced steps; the best adapter is kept (ties: the later).
+    evaluations (int): How many times to score `dev` during training.
+    score (str): The score to maximise (a key of `nlp.evaluate`'s result).
+    RETURNS (TuningReport): The losses, dev scores and the step kept.
+    """
+    settings = settings or TuningSettings()
+    examples = list(examples)
+    if not examples:
+        raise ValueError("tune_llm: no training examples.")
+    if dev and evaluations < 1:
+        raise ValueError(f"tune_llm: evaluations must be >= 1, got {evaluations}.")
+    task, model = llm_model_of(nlp, component)
+    lm = model.lm
+    rng = random.Random(settings.seed)
+    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    steps = steps_per_epoch * settings.epochs
+    at = {math.ceil(steps * i / evaluations) for i in range(1, evaluations + 1)} if dev else set()
+    report = TuningReport()
+    kept: List[Any] = []
+
+    def evaluate(step: int) -> None:
+        value = nlp.evaluate(list(dev)).get(score) or 0.0
+        report.dev_scores[step] = value
+        logger.info("tune_llm: dev %s %.4f at step %d", score, value, step)
+        if not kept or value >= report.dev_scores[report.best_step]:
+            report.best_step = step
+            kept[:] = [lm.adapter_state()]
+
+    if dev:
+        evaluate(0)
+    lm.ensure_lora()
+    params = lm.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=settings.learn_rate, weight_decay=0.0)
+    warmup = settings.warmup_steps
+
+    def rate(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    fit = TrainingSettings(
+        contrastive_weight=0.0, shared_prefix=False, micro_batch_size=settings.micro_batch_size, mixed_precision=True
+    )
+    step = 0
+    for _ in range(settings.epochs):
+        order = list(examples)
+        rng.shuffle(order)
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            items = tuning_items(model, tuning_pairs(task, batch, rng, settings))
+            lm.ensure_lora()
+            torch_model = lm.model.train()
+            try:
+                totals = accumulate(torch_model, items, fit, 1, lm.pad_id, lm.device, train=True)
+            finally:
+                torch_model.eval()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            step += 1
+            report.losses.append(totals["loss"])
+            logger.info("tune_llm: step %d/%d loss %.4f", step, steps, totals["loss"])
+            if step in at:
+                evaluate(step)
+    if dev and report.best_step != step:
+        lm.reset_adapter(kept[0])
+    return report
+
+
+__all__ = ("TuningPair", "TuningReport", "TuningSettings", "answer_text", "tune_llm", "tuning_items", "tuning_pairs")

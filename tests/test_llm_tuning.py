@@ -1,0 +1,241 @@
+"""Tuning the LoRA adapter of a spacy-llm `llm` component on its own prompts (`llm_tuning`)."""
+import random
+from pathlib import Path
+from typing import List
+
+import pytest
+import spacy
+import torch
+from spacy.tokens import Doc
+from spacy.training import Example
+
+from spacy_cllmfs.llm_tuning import TuningSettings, answer_text, tune_llm, tuning_items, tuning_pairs
+from spacy_cllmfs.spacy_llm import MODEL_NAME, write_ner_v3_examples
+
+LABELS = ["PERSON", "LOCATION"]
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_doc(nlp: spacy.Language, text: str, ents: List[tuple]) -> Doc:
+    doc = nlp.make_doc(text)
+    doc.ents = [
+        doc.char_span(text.index(phrase), text.index(phrase) + len(phrase), label=label) for phrase, label in ents
+    ]
+    return doc
+
+
+def gold(nlp: spacy.Language) -> List[Doc]:
+    return [
+        make_doc(nlp, "Barack Obama visited Paris.", [("Barack Obama", "PERSON"), ("Paris", "LOCATION")]),
+        make_doc(nlp, "Marie Curie lived in Warsaw.", [("Marie Curie", "PERSON"), ("Warsaw", "LOCATION")]),
+        make_doc(nlp, "The United Nations met in Rome.", [("United Nations", "ORG"), ("Rome", "LOCATION")]),
+    ]
+
+
+def llm_nlp(tiny_model_path: Path, examples: Path = None, max_new_tokens: int = 40) -> spacy.Language:
+    nlp = spacy.blank("en")
+    task = {"@llm_tasks": "spacy.NER.v3", "labels": LABELS}
+    if examples is not None:
+        task["examples"] = {"@misc": "spacy.FewShotReader.v1", "path": str(examples)}
+    nlp.add_pipe(
+        "llm",
+        config={
+            "task": task,
+            "model": {
+                "@llm_models": MODEL_NAME, "name": str(tiny_model_path), "device": "cpu",
+                "max_new_tokens": max_new_tokens, "batch_size": 4,
+            },
+            "save_io": True,
+        },
+    )
+    return nlp
+
+
+def as_examples(nlp: spacy.Language, docs: List[Doc]) -> List[Example]:
+    return [Example(nlp.make_doc(doc.text), doc) for doc in docs]
+
+
+def test_answer_text_writes_the_task_s_answer_lines(tiny_model_path):
+    nlp = llm_nlp(tiny_model_path)
+    task = nlp.get_pipe("llm").task
+    shot = task.prompt_example_type.generate(as_examples(nlp, gold(nlp))[0], task)
+    assert answer_text(shot) == (
+        "1. Barack Obama | True | PERSON | is a PERSON\n2. Paris | True | LOCATION | is a LOCATION"
+    )
+    with pytest.raises(TypeError, match="chain-of-thought span tasks"):
+        answer_text(object())
+
+
+def test_a_sentence_is_never_its_own_example(tiny_model_path, tmp_path):
+    nlp = spacy.blank("en")
+    docs = gold(nlp)
+    path = tmp_path / "examples.json"
+    write_ner_v3_examples(docs, LABELS, path)
+    nlp = llm_nlp(tiny_model_path, path)
+    task = nlp.get_pipe("llm").task
+    before = list(task.prompt_examples)
+    examples = as_examples(nlp, docs)
+    settings = TuningSettings(shuffle_examples=False)
+    pairs = tuning_pairs(task, examples, random.Random(0), settings)
+    for doc, pair in zip(docs, pairs):
+        assert pair.prompt.count(f"Paragraph: {doc.text}") == 1  # the question only
+        assert pair.prompt.rstrip().endswith(f"Paragraph: {doc.text}\nAnswer:")
+        others = [d for d in docs if d is not doc]
+        assert all(f"Paragraph: {d.text}" in pair.prompt for d in others)
+    kept = tuning_pairs(task, examples, random.Random(0), TuningSettings(leave_one_out=False))
+    assert kept[0].prompt.count(f"Paragraph: {docs[0].text}") == 2
+    assert list(task.prompt_examples) == before  # the task's examples are restored
+    # the ORG entity is not one of the task's labels: it is not part of the answer
+    assert pairs[2].answer == "1. Rome | True | LOCATION | is a LOCATION"
+
+
+def test_shuffled_examples_change_order_not_content(tiny_model_path, tmp_path):
+    nlp = spacy.blank("en")
+    docs = gold(nlp) + [make_doc(nlp, "Ada Lovelace met Charles Babbage.", [("Ada Lovelace", "PERSON")])]
+    path = tmp_path / "examples.json"
+    write_ner_v3_examples(docs, LABELS, path)
+    nlp = llm_nlp(tiny_model_path, path)
+    task = nlp.get_pipe("llm").task
+    question = as_examples(nlp, [make_doc(nlp, "Nobody went to Oslo.", [("Oslo", "LOCATION")])])
+    prompts = {tuning_pairs(task, question, random.Random(seed), TuningSettings())[0].prompt for seed in range(6)}
+    assert len(prompts) > 1
+    shown = [sorted(line for line in p.splitlines() if line.startswith("Paragraph:")) for p in prompts]
+    assert all(lines == shown[0] for lines in shown)
+
+
+def test_items_end_with_the_answer_and_the_end_token(tiny_model_path):
+    nlp = llm_nlp(tiny_model_path)
+    task, model = nlp.get_pipe("llm").task, nlp.get_pipe("llm")._model
+    pairs = tuning_pairs(task, as_examples(nlp, gold(nlp))[:1], random.Random(0), TuningSettings())
+    item = tuning_items(model, pairs)[0]
+    assert item.prompt.ids == model.encode(pairs[0].prompt)
+    assert item.answer[-1] == model.end_id
+    assert model.lm.tokenizer.decode(item.answer[:-1]) == pairs[0].answer
+
+
+def test_tuning_teaches_the_answer(tiny_model_path):
+    nlp = llm_nlp(tiny_model_path, max_new_tokens=120)
+    docs = gold(nlp)[:1]
+    examples = as_examples(nlp, docs)
+    settings = TuningSettings(epochs=40, batch_size=1, learn_rate=2e-2, warmup_steps=0, seed=0)
+    report = tune_llm(nlp, examples, settings=settings)
+    assert len(report.losses) == 40
+    assert report.losses[-1] < 0.1 * report.losses[0]
+    doc = nlp(docs[0].text)
+    response = doc.user_data["llm_io"]["llm"]["response"][0]
+    assert response.strip() == "1. Barack Obama | True | PERSON | is a PERSON\n2. Paris | True | LOCATION | is a LOCATION"
+    assert [(ent.text, ent.label_) for ent in doc.ents] == [("Barack Obama", "PERSON"), ("Paris", "LOCATION")]
+
+
+def test_dev_selection_keeps_the_best_adapter(tiny_model_path, monkeypatch):
+    nlp = llm_nlp(tiny_model_path, max_new_tokens=4)
+    lm = nlp.get_pipe("llm")._model.lm
+    scores = iter([0.2, 0.5, 0.1])  # before training, after step 2, after step 4
+    monkeypatch.setattr(nlp, "evaluate", lambda examples: {"ents_f": next(scores)})
+    examples = as_examples(nlp, gold(nlp)[:2])
+    settings = TuningSettings(epochs=4, batch_size=1, learn_rate=1e-2, warmup_steps=0)
+    states = []
+    original = lm.adapter_state
+
+    def recording():
+        state = original()
+        states.append(state)
+        return state
+
+    monkeypatch.setattr(lm, "adapter_state", recording)
+    report = tune_llm(nlp, examples, settings=settings, dev=examples, evaluations=2)
+    assert report.dev_scores == {0: 0.2, 4: 0.5, 8: 0.1}
+    assert report.best_step == 4
+    kept = states[-1]  # recorded when step 4 scored best
+    now = original()
+    assert all(torch.equal(kept.weights[name], now.weights[name]) for name in kept.weights)
+
+
+def test_bad_input_names_the_fix(tiny_model_path):
+    nlp = llm_nlp(tiny_model_path)
+    examples = as_examples(nlp, gold(nlp))
+    with pytest.raises(ValueError, match="no component 'ner'"):
+        tune_llm(nlp, examples, component="ner")
+    with pytest.raises(ValueError, match="no training examples"):
+        tune_llm(nlp, [])
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        TuningSettings(epochs=0)
+    other = spacy.blank("en")
+    other.add_pipe("llm", config={
+        "task": {"@llm_tasks": "spacy.NER.v3", "labels": LABELS},
+        "model": {"@llm_models": "spacy.NoOp.v1"},
+    })
+    with pytest.raises(TypeError, match=MODEL_NAME):
+        tune_llm(other, examples)
+
+
+def adapter_weights(nlp: spacy.Language) -> dict:
+    return nlp.get_pipe("llm")._model.lm.adapter_state().weights
+
+
+def test_a_tuned_adapter_is_saved_with_the_pipeline(tiny_model_path, tmp_path):
+    nlp = llm_nlp(tiny_model_path)
+    assert nlp.get_pipe("llm")._model.to_bytes()  # no adapter yet: an empty record
+    nlp.to_disk(tmp_path / "untuned")
+    assert not (tmp_path / "untuned" / "llm" / "model" / "adapter").exists()
+    tune_llm(nlp, as_examples(nlp, gold(nlp))[:1], settings=TuningSettings(epochs=2, batch_size=1, learn_rate=1e-2))
+    tuned = adapter_weights(nlp)
+    assert any(float(w.abs().sum()) > 0 for name, w in tuned.items() if "lora_B" in name)
+    nlp.to_disk(tmp_path / "tuned")
+    assert (tmp_path / "tuned" / "llm" / "model" / "adapter" / "adapter_config.json").exists()
+    for loaded in (spacy.load(tmp_path / "tuned"), llm_nlp(tiny_model_path).from_bytes(nlp.to_bytes())):
+        weights = adapter_weights(loaded)
+        assert weights.keys() == tuned.keys()
+        assert all(torch.equal(weights[name], tuned[name]) for name in tuned)
+    text = "Angela Merkel visited Berlin."
+    reloaded = spacy.load(tmp_path / "tuned")
+    assert reloaded(text).user_data["llm_io"]["llm"]["response"] == nlp(text).user_data["llm_io"]["llm"]["response"]
+
+
+def test_tune_llm_cli(tiny_model_path, tmp_path):
+    from spacy.tokens import DocBin
+    from typer.testing import CliRunner
+
+    from spacy_cllmfs.cli import app
+
+    nlp = llm_nlp(tiny_model_path)
+    nlp.to_disk(tmp_path / "pipeline")
+    docs = gold(nlp)
+    DocBin(docs=docs[:2]).to_disk(tmp_path / "train.spacy")
+    DocBin(docs=docs[2:]).to_disk(tmp_path / "dev.spacy")
+    output = tmp_path / "tuned"
+    args = ["tune-llm", str(tmp_path / "pipeline"), str(tmp_path / "train.spacy"), str(output),
+            "--dev", str(tmp_path / "dev.spacy"), "--epochs", "1", "--batch-size", "1", "--evaluations", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Tuned 2 steps on 2 sentences" in result.output and "kept step" in result.output
+    assert spacy.load(output).pipe_names == ["llm"]
+    nlp.config.to_disk(tmp_path / "llm.cfg")  # a config is assembled as spacy-llm does
+    from_config = CliRunner().invoke(app, ["tune-llm", str(tmp_path / "llm.cfg"), *args[2:4], "--epochs", "1"])
+    assert from_config.exit_code == 0, from_config.output
+    assert "Tuned 1 steps on 2 sentences" in from_config.output
+    bad = CliRunner().invoke(app, args[:4] + ["--component", "ner"])
+    assert bad.exit_code == 1 and "no component 'ner'" in bad.output
+
+
+def test_llm_config_cli_takes_labels_and_examples_from_the_shots(tiny_model_path, tmp_path):
+    from spacy.tokens import DocBin
+    from thinc.api import Config
+    from typer.testing import CliRunner
+
+    from spacy_cllmfs.cli import app
+
+    nlp = spacy.blank("en")
+    DocBin(docs=gold(nlp)).to_disk(tmp_path / "train.spacy")
+    args = ["llm-config", str(tmp_path / "train.spacy"), str(tmp_path / "llm"), "--model", str(tiny_model_path)]
+    result = CliRunner().invoke(app, args + ["--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert "(3 labels) and 3 examples" in result.output
+    config = Config().from_disk(tmp_path / "llm" / "llm.cfg")
+    assert config["components"]["llm"]["task"]["labels"] == ["LOCATION", "ORG", "PERSON"]
+    assert config["components"]["llm"]["model"]["max_new_tokens"] == 12
+    DocBin(docs=[nlp("No entities here.")]).to_disk(tmp_path / "empty.spacy")
+    empty = CliRunner().invoke(app, ["llm-config", str(tmp_path / "empty.spacy"), str(tmp_path / "x")])
+    assert empty.exit_code == 1 and "has no entities" in empty.output
