@@ -20,11 +20,12 @@ folder="$STAGE/$name-bf16"
 if [ ! -f "$folder/config.json" ]; then
   python -m spacy_cllmfs export-model "$MODEL_GGUF" "$folder" --dtype bfloat16 --device cuda:0
 fi
-# most important first: politics K=5 cllmfs, its baselines, the other domains, then K=20 and
-# extra seeds; the systems that first train an adapter on thousands of sentences (more than
-# one short lease on an H200) come after the K-shot systems of every domain
+# most important first: politics K=5 cllmfs, its baselines and the tuned in-context path
+# (spacy_llm_lora), the other domains, then K=20 and extra seeds; the systems that first
+# train an adapter on thousands of sentences (more than one short lease on an H200) come
+# after the K-shot systems of every domain
 began=$(date +%s)
-for systems in cllmfs,spacy_ner,spacy_llm,cllmfs_lora,cllmfs_sentence_first cllmfs_general,cllmfs_transfer; do
+for systems in cllmfs,spacy_ner,spacy_llm,spacy_llm_lora,cllmfs_lora,cllmfs_sentence_first cllmfs_general,cllmfs_transfer; do
   left=$(python -c "print(max(0.0, $TIME_BUDGET - ($(date +%s) - $began) / 60))")
   [ "$left" = 0.0 ] && { echo "Time budget of $TIME_BUDGET min used; rerun to continue."; break; }
   python bench/quality.py --data "$DATA" --profile gpu --model "$folder" --device cuda:0 \
