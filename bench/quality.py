@@ -64,13 +64,12 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import cpu_model, load_averages  # noqa: E402
 from spacy_cllmfs.adapters import AdapterState  # noqa: E402
 from spacy_cllmfs.corpora import read_conll  # noqa: E402
-from spacy_cllmfs.labels import default_description  # noqa: E402
 from spacy_cllmfs.llm_tuning import TuningSettings, tune_llm  # noqa: E402
 from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated  # noqa: E402
 from spacy_cllmfs.mixing import mix_corpora  # noqa: E402
 from spacy_cllmfs.models import HFCausalLM  # noqa: E402
 from spacy_cllmfs.sampling import greedy_k_shot, label_counts  # noqa: E402
-from spacy_cllmfs.spacy_llm import SpacyLLMModel, write_ner_v3_examples
+from spacy_cllmfs.spacy_llm import SpacyLLMModel, ner_v3_task, write_ner_v3_examples
 
 SYSTEMS = ("spacy_ner", "spacy_llm", "spacy_llm_lora", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_general",
            "cllmfs_sentence_first", "cllmfs_examples", "cllmfs_icl", "cllmfs_center", "cllmfs_other_types")
@@ -294,14 +293,8 @@ def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
     try:
         n_examples = write_ner_v3_examples(shots, domain.labels, work / "examples.json")
         nlp = spacy.blank("en")
-        nlp.add_pipe("llm", config={
-            "task": {
-                "@llm_tasks": "spacy.NER.v3", "labels": domain.labels,
-                "label_definitions": {label: default_description(label) for label in domain.labels},
-                "examples": {"@misc": "spacy.FewShotReader.v1", "path": str(work / "examples.json")},
-            },
-            "model": {"@llm_models": name},
-        })
+        nlp.add_pipe("llm", config={"task": ner_v3_task(domain.labels, work / "examples.json"),
+                                    "model": {"@llm_models": name}})
         info: Dict[str, Any] = {"train_s": 0.0, "prompt_examples": n_examples}
         if tune:
             begin = time.time()

@@ -177,8 +177,7 @@ def llm_config_cli(
     whose labels and few-shot examples are those of a gold .spacy set."""
     import spacy
 
-    from .labels import default_description
-    from .spacy_llm import MODEL_NAME, write_ner_v3_examples
+    from .spacy_llm import MODEL_NAME, ner_v3_task, write_ner_v3_examples
 
     with _report_errors():
         docs = load_docbin(train_path, Vocab())
@@ -189,11 +188,7 @@ def llm_config_cli(
         n_examples = write_ner_v3_examples(docs, labels, examples)
         nlp = spacy.blank("en")
         nlp.add_pipe("llm", config={
-            "task": {
-                "@llm_tasks": "spacy.NER.v3", "labels": labels,
-                "label_definitions": {label: default_description(label) for label in labels},
-                "examples": {"@misc": "spacy.FewShotReader.v1", "path": str(examples)},
-            },
+            "task": ner_v3_task(labels, examples),
             "model": {"@llm_models": MODEL_NAME, "name": model, "device": device,
                       "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         })

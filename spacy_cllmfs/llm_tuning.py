@@ -29,6 +29,7 @@ import torch
 from spacy.language import Language
 from spacy.training import Example
 
+from .loop import evaluation_steps
 from .prompts import Prompt
 from .spacy_llm import MODEL_NAME, SpacyLLMModel
 from .training import TrainingItem, TrainingSettings, accumulate
@@ -234,7 +235,7 @@ def tune_llm(
     rng = random.Random(settings.seed)
     steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
     steps = steps_per_epoch * settings.epochs
-    at = {math.ceil(steps * i / evaluations) for i in range(1, evaluations + 1)} if dev else set()
+    at = evaluation_steps(steps, evaluations) if dev else set()
     report = TuningReport()
     kept: List[Any] = []
 

@@ -9,7 +9,7 @@ model, like model-best) and then calibrates each `cllmfs_ner` on it.
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 from spacy.language import Language
 from spacy.tokens import Doc
@@ -115,7 +115,7 @@ def fit_select(
         raise ValueError("fit_select: no dev examples. Fix: pass a small gold dev set, or use fit().")
     dev = as_examples(nlp, [example.reference for example in dev])
     pipes = [pipe for _, pipe in nlp.pipeline if isinstance(pipe, CLLMFSNer)]
-    at = {math.ceil(steps * i / evaluations) for i in range(1, evaluations + 1)}
+    at = evaluation_steps(steps, evaluations)
     selection = Selection(losses=[])
     kept: List[Any] = []
 
@@ -137,6 +137,11 @@ def fit_select(
         known = selection.dev_scores[selection.best_step] if len(pipes) == 1 and score == "ents_f" else None
         selection.calibration = {pipe.name: pipe.calibrate(dev, ents_f_before=known).to_dict() for pipe in pipes}
     return selection
+
+
+def evaluation_steps(steps: int, evaluations: int) -> Set[int]:
+    """RETURNS (Set[int]): `evaluations` evenly spaced steps of `steps`, the last included."""
+    return {math.ceil(steps * i / evaluations) for i in range(1, evaluations + 1)}
 
 
 def unannotated(owner: Any, doc: Doc) -> Doc:

@@ -32,6 +32,7 @@ from spacy.util import registry
 from .adapters import AdapterState
 from .decoding import DecodingStats
 from .embedded import EMBEDDED_NAME
+from .labels import default_description
 from .inference import DecodingSettings, generate_texts
 from .models import HFCausalLM, context_length_of
 from .prompts import end_of_answer_id
@@ -421,6 +422,23 @@ def write_ner_v3_examples(docs: Iterable[Doc], labels: Sequence[str], path: Unio
     return len(examples)
 
 
+def ner_v3_task(labels: Sequence[str], examples_path: Union[str, Path]) -> Dict[str, Any]:
+    """The `[components.llm.task]` block of a `spacy.NER.v3` task: `labels`, each
+    defined by its default description, and the few-shot examples of a file written
+    by `write_ner_v3_examples` (read with `spacy.FewShotReader.v1`).
+
+    labels (Sequence[str]): The task's labels.
+    examples_path (Union[str, Path]): The examples file.
+    RETURNS (Dict[str, Any]): The task config.
+    """
+    return {
+        "@llm_tasks": "spacy.NER.v3",
+        "labels": list(labels),
+        "label_definitions": {label: default_description(label) for label in labels},
+        "examples": {"@misc": "spacy.FewShotReader.v1", "path": str(examples_path)},
+    }
+
+
 def _label_map(labels: Sequence[str]) -> Dict[str, str]:
     names = labels.split(",") if isinstance(labels, str) else labels  # spacy-llm accepts "A,B" too
     cleaned = [label.strip() for label in names if label.strip()]
@@ -438,6 +456,7 @@ def _label_map(labels: Sequence[str]) -> Dict[str, str]:
 __all__: Tuple[str, ...] = (
     "SpacyLLMModel",
     "ner_v3_examples",
+    "ner_v3_task",
     "spacy_llm_model_v1",
     "write_ner_v3_examples",
 )
