@@ -43,6 +43,8 @@ def main(argv=None) -> None:
     parser.add_argument("--base-model", default="embedded")
     parser.add_argument("--adapter", default=None, help="Adapter to start from (e.g. a general model's cllmfs_ner/adapter); '' for none.")
     parser.add_argument("--gpu-id", type=int, default=-1, help="CUDA device for the model; -1 for the CPU.")
+    parser.add_argument("--dtype", default="auto",
+                        help='Weight dtype: "auto" (bf16 on GPU, fp32 on CPU), "float32" or "bfloat16".')
     parser.add_argument("--epochs", type=int, default=5, help="Passes over the training set.")
     parser.add_argument("--steps", type=int, default=0, help="Updates (0: from --epochs).")
     parser.add_argument("--dev-evals", type=int, default=2, help="Dev scorings after the first update.")
@@ -68,6 +70,7 @@ def main(argv=None) -> None:
         "paths.checkpoint_dir": str(checkpoint_dir),
         "system.seed": args.seed,
         "components.cllmfs_ner.model.device": f"cuda:{args.gpu_id}" if args.gpu_id >= 0 else "cpu",
+        "components.cllmfs_ner.model.dtype": args.dtype,
         "components.cllmfs_ner.training.contrastive_weight": args.contrastive_weight,
         # spaCy counts updates from 0 and stops after update max_steps: steps - 1 gives `steps` updates
         "training.max_steps": max(1, args.steps - 1),

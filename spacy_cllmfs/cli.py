@@ -170,6 +170,9 @@ def llm_config_cli(
     output_dir: Path = typer.Argument(..., help="Folder for llm.cfg and examples.json."),
     model: str = typer.Option("embedded", "--model", "-m", help="Hub name, folder, .gguf file or 'embedded'."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 (fast on CPUs with avx512_bf16)."
+    ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="The most tokens of one answer."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
 ) -> None:
@@ -189,7 +192,7 @@ def llm_config_cli(
         nlp = spacy.blank("en")
         nlp.add_pipe("llm", config={
             "task": ner_v3_task(labels, examples),
-            "model": {"@llm_models": MODEL_NAME, "name": model, "device": device,
+            "model": {"@llm_models": MODEL_NAME, "name": model, "device": device, "dtype": dtype,
                       "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         })
         nlp.config.to_disk(output_dir / "llm.cfg")
@@ -207,6 +210,9 @@ def tune_llm_cli(
     batch_size: int = typer.Option(2, "--batch-size", help="Sentences per optimizer step."),
     learn_rate: float = typer.Option(3e-4, "--learn-rate", help="Peak learn rate."),
     evaluations: int = typer.Option(2, "--evaluations", help="Dev evaluations during training."),
+    examples_shown: Optional[int] = typer.Option(
+        None, "--examples-shown", help="Few-shot examples in each training prompt, a random subset (default: all)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the order of sentences and examples."),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
 ) -> None:
@@ -224,7 +230,9 @@ def tune_llm_cli(
             nlp = assemble(pipeline, overrides=overrides)
         else:
             nlp = spacy.load(pipeline, config=overrides)
-        settings = TuningSettings(epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, seed=seed)
+        settings = TuningSettings(
+            epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, examples_shown=examples_shown, seed=seed
+        )
         train = as_examples(nlp, load_docbin(train_path, nlp.vocab))
         dev = as_examples(nlp, load_docbin(dev_path, nlp.vocab)) if dev_path is not None else []
         report = tune_llm(nlp, train, component=component, settings=settings, dev=dev, evaluations=evaluations)

@@ -49,6 +49,9 @@ class TuningSettings:
     leave_one_out (bool): Ask a training sentence without itself among the task's
         few-shot examples.
     shuffle_examples (bool): Show the few-shot examples in a new order each epoch.
+    examples_shown (Optional[int]): Show each training prompt at most this many of
+        the few-shot examples, a new random subset each time (None: all of them).
+        Shorter prompts train faster; inference still shows all of them.
     micro_batch_size (int): Prompts per forward/backward pass.
     seed (int): Seed for the order of examples and few-shot examples.
     """
@@ -60,6 +63,7 @@ class TuningSettings:
     grad_clip: float = 1.0
     leave_one_out: bool = True
     shuffle_examples: bool = True
+    examples_shown: Optional[int] = None
     micro_batch_size: int = 1
     seed: int = 0
 
@@ -71,6 +75,7 @@ class TuningSettings:
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.examples_shown is None or self.examples_shown >= 0, "examples_shown must be None or >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,7 +129,8 @@ def tuning_pairs(
 
     task (Any): The `llm` component's task (spacy.NER.v3 or spacy.SpanCat.v3).
     examples (Sequence[Example]): Gold examples (`reference` holds the entities).
-    rng (random.Random): Orders the few-shot examples shown, if `shuffle_examples`.
+    rng (random.Random): Picks (`examples_shown`) and orders (`shuffle_examples`) the
+        few-shot examples shown.
     RETURNS (List[TuningPair]): One pair per example, in order.
     """
     shown_all = list(getattr(task, "prompt_examples", None) or [])
@@ -142,6 +148,9 @@ def tuning_pairs(
         shown = list(shown_all)
         if settings.leave_one_out:
             shown = [shot for shot in shown if getattr(shot, "text", None) != example.reference.text]
+        if settings.examples_shown is not None and settings.examples_shown < len(shown):
+            picked = set(rng.sample(range(len(shown)), settings.examples_shown))
+            shown = [shot for i, shot in enumerate(shown) if i in picked]
         if settings.shuffle_examples:
             rng.shuffle(shown)
         with _prompt_examples(task, shown):

@@ -105,6 +105,30 @@ def test_shuffled_examples_change_order_not_content(tiny_model_path, tmp_path):
     assert all(lines == shown[0] for lines in shown)
 
 
+def test_examples_shown_picks_a_new_subset_each_time(tiny_model_path, tmp_path):
+    nlp = spacy.blank("en")
+    docs = gold(nlp) + [make_doc(nlp, "Ada Lovelace met Charles Babbage.", [("Ada Lovelace", "PERSON")])]
+    path = tmp_path / "examples.json"
+    write_ner_v3_examples(docs, LABELS, path)
+    nlp = llm_nlp(tiny_model_path, path)
+    task = nlp.get_pipe("llm").task
+    question = as_examples(nlp, [make_doc(nlp, "Nobody went to Oslo.", [("Oslo", "LOCATION")])])
+    rng = random.Random(0)
+    subsets = set()
+    for _ in range(8):
+        prompt = tuning_pairs(task, question, rng, TuningSettings(examples_shown=2))[0].prompt
+        shown = [line for line in prompt.splitlines() if line.startswith("Paragraph:")][:-1]  # the last asks
+        assert len(shown) == 2
+        assert all(line[len("Paragraph: "):] in {doc.text for doc in docs} for line in shown)
+        subsets.add(frozenset(shown))
+    assert len(subsets) > 1
+    everything = tuning_pairs(task, question, rng, TuningSettings(examples_shown=10))[0].prompt
+    assert everything.count("Paragraph:") == len(docs) + 1
+    assert len(task.prompt_examples) == len(docs)  # the task's own examples are untouched
+    with pytest.raises(ValueError, match="examples_shown must be None or >= 0"):
+        TuningSettings(examples_shown=-1)
+
+
 def test_items_end_with_the_answer_and_the_end_token(tiny_model_path):
     nlp = llm_nlp(tiny_model_path)
     task, model = nlp.get_pipe("llm").task, nlp.get_pipe("llm")._model
@@ -213,11 +237,15 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     assert "Tuned 2 steps on 2 sentences" in result.output and "kept step" in result.output
     assert spacy.load(output).pipe_names == ["llm"]
     nlp.config.to_disk(tmp_path / "llm.cfg")  # a config is assembled as spacy-llm does
-    from_config = CliRunner().invoke(app, ["tune-llm", str(tmp_path / "llm.cfg"), *args[2:4], "--epochs", "1"])
+    from_config = CliRunner().invoke(
+        app, ["tune-llm", str(tmp_path / "llm.cfg"), *args[2:4], "--epochs", "1", "--examples-shown", "0"]
+    )
     assert from_config.exit_code == 0, from_config.output
     assert "Tuned 1 steps on 2 sentences" in from_config.output
     bad = CliRunner().invoke(app, args[:4] + ["--component", "ner"])
     assert bad.exit_code == 1 and "no component 'ner'" in bad.output
+    negative = CliRunner().invoke(app, args[:4] + ["--examples-shown", "-2"])
+    assert negative.exit_code == 1 and "examples_shown must be None or >= 0" in negative.output
 
 
 def test_llm_config_cli_takes_labels_and_examples_from_the_shots(tiny_model_path, tmp_path):
@@ -230,12 +258,15 @@ def test_llm_config_cli_takes_labels_and_examples_from_the_shots(tiny_model_path
     nlp = spacy.blank("en")
     DocBin(docs=gold(nlp)).to_disk(tmp_path / "train.spacy")
     args = ["llm-config", str(tmp_path / "train.spacy"), str(tmp_path / "llm"), "--model", str(tiny_model_path)]
-    result = CliRunner().invoke(app, args + ["--max-new-tokens", "12"])
+    result = CliRunner().invoke(app, args + ["--max-new-tokens", "12", "--dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
     assert "(3 labels) and 3 examples" in result.output
     config = Config().from_disk(tmp_path / "llm" / "llm.cfg")
     assert config["components"]["llm"]["task"]["labels"] == ["LOCATION", "ORG", "PERSON"]
     assert config["components"]["llm"]["model"]["max_new_tokens"] == 12
+    assert config["components"]["llm"]["model"]["dtype"] == "bfloat16"
+    bad_dtype = CliRunner().invoke(app, args + ["--dtype", "float8"])
+    assert bad_dtype.exit_code == 1 and "Unknown dtype 'float8'" in bad_dtype.output
     DocBin(docs=[nlp("No entities here.")]).to_disk(tmp_path / "empty.spacy")
     empty = CliRunner().invoke(app, ["llm-config", str(tmp_path / "empty.spacy"), str(tmp_path / "x")])
     assert empty.exit_code == 1 and "has no entities" in empty.output
