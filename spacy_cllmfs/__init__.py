@@ -9,7 +9,7 @@ from .component import CLLMFSNer, make_cllmfs_ner
 from .llm_tuning import TuningSettings, tune_llm
 from .models import HFCausalLM, LoRASettings, hf_causal_lm_v1, lora_v1
 from .prompts import PromptTemplate, prompt_v1
-from .spacy_llm import SpacyLLMModel, ner_v3_examples, spacy_llm_model_v1, write_ner_v3_examples
+from .spacy_llm import SpacyLLMModel, embed_in_pipeline, ner_v3_examples, spacy_llm_model_v1, write_ner_v3_examples
 from .training import TrainingSettings, training_v1, training_v2
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "TuningSettings",
     "__version__",
     "checkpoint_v1",
+    "embed_in_pipeline",
     "hf_causal_lm_v1",
     "lora_v1",
     "make_cllmfs_ner",

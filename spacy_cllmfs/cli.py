@@ -223,6 +223,7 @@ def tune_llm_cli(
 
     from .llm_tuning import TuningSettings, tune_llm
     from .loop import as_examples
+    from .spacy_llm import embed_in_pipeline
 
     with _report_errors():
         overrides = {f"components.{component}.model.device": f"cuda:{gpu_id}"} if gpu_id >= 0 else {}
@@ -236,6 +237,7 @@ def tune_llm_cli(
         train = as_examples(nlp, load_docbin(train_path, nlp.vocab))
         dev = as_examples(nlp, load_docbin(dev_path, nlp.vocab)) if dev_path is not None else []
         report = tune_llm(nlp, train, component=component, settings=settings, dev=dev, evaluations=evaluations)
+        embed_in_pipeline(nlp, component)  # the saved pipeline loads without the examples file
         save_pipeline(nlp, output_path, ".tuning")
     dev_note = ""
     if report.dev_scores:

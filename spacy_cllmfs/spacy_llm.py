@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import catalogue
 import srsly
+from spacy.language import Language
 from spacy.tokens import Doc
 from spacy.util import registry
 
@@ -439,6 +440,37 @@ def ner_v3_task(labels: Sequence[str], examples_path: Union[str, Path]) -> Dict[
     }
 
 
+def embed_in_pipeline(nlp: Language, component: str = "llm") -> List[str]:
+    """Let a saved `llm` pipeline load from what it stores itself: its config stops
+    pointing at the few-shot examples file and at the adapter folder it was built from
+    (`nlp.to_disk` saves both inside the pipeline, and `spacy.load` restores them), so
+    the pipeline still loads once moved, packaged, or when those files are gone.
+
+    nlp (Language): The pipeline, about to be saved.
+    component (str): The name of the spacy-llm component.
+    RETURNS (List[str]): The config settings that were set to null.
+    """
+    if component not in nlp.pipe_names:
+        raise ValueError(
+            f"The pipeline has no component '{component}' (it has {nlp.pipe_names}). "
+            "Fix: pass the name of the spacy-llm component."
+        )
+    pipe = nlp.get_pipe(component)
+    block = nlp.get_pipe_config(component)
+    changed: List[str] = []
+    task, model = getattr(pipe, "task", None), getattr(pipe, "_model", None)
+    task_block = block.get("task", {})
+    stored = getattr(task, "prompt_examples", None)
+    if task_block.get("examples") is not None and stored and hasattr(task, "to_disk"):
+        task_block["examples"] = None
+        changed.append(f"components.{component}.task.examples")
+    model_block = block.get("model", {})
+    if model_block.get("adapter") and isinstance(model, SpacyLLMModel) and model.lm.adapter_state() is not None:
+        model_block["adapter"] = None
+        changed.append(f"components.{component}.model.adapter")
+    return changed
+
+
 def _label_map(labels: Sequence[str]) -> Dict[str, str]:
     names = labels.split(",") if isinstance(labels, str) else labels  # spacy-llm accepts "A,B" too
     cleaned = [label.strip() for label in names if label.strip()]
@@ -455,6 +487,7 @@ def _label_map(labels: Sequence[str]) -> Dict[str, str]:
 
 __all__: Tuple[str, ...] = (
     "SpacyLLMModel",
+    "embed_in_pipeline",
     "ner_v3_examples",
     "ner_v3_task",
     "spacy_llm_model_v1",

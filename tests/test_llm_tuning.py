@@ -1,5 +1,6 @@
 """Tuning the LoRA adapter of a spacy-llm `llm` component on its own prompts (`llm_tuning`)."""
 import random
+import shutil
 from pathlib import Path
 from typing import List
 
@@ -10,7 +11,7 @@ from spacy.tokens import Doc
 from spacy.training import Example
 
 from spacy_cllmfs.llm_tuning import TuningSettings, answer_text, tune_llm, tuning_items, tuning_pairs
-from spacy_cllmfs.spacy_llm import MODEL_NAME, write_ner_v3_examples
+from spacy_cllmfs.spacy_llm import MODEL_NAME, embed_in_pipeline, write_ner_v3_examples
 
 LABELS = ["PERSON", "LOCATION"]
 
@@ -197,6 +198,29 @@ def test_bad_input_names_the_fix(tiny_model_path):
 
 def adapter_weights(nlp: spacy.Language) -> dict:
     return nlp.get_pipe("llm")._model.lm.adapter_state().weights
+
+
+def test_a_saved_pipeline_loads_without_the_files_it_was_built_from(tiny_model_path, tmp_path):
+    docs = gold(spacy.blank("en"))
+    examples_path = tmp_path / "examples.json"
+    write_ner_v3_examples(docs, LABELS, examples_path)
+    first = llm_nlp(tiny_model_path, examples_path)
+    tune_llm(first, as_examples(first, docs)[:1], settings=TuningSettings(epochs=1, batch_size=1, learn_rate=1e-2))
+    first.get_pipe("llm")._model.lm.adapter_state().to_disk(tmp_path / "adapter")
+    nlp = llm_nlp(tiny_model_path, examples_path)
+    nlp.get_pipe_config("llm")["model"]["adapter"] = str(tmp_path / "adapter")
+    nlp.get_pipe("llm")._model.lm.set_adapter(first.get_pipe("llm")._model.lm.adapter_state())
+    assert embed_in_pipeline(nlp) == ["components.llm.task.examples", "components.llm.model.adapter"]
+    assert embed_in_pipeline(nlp) == []  # nothing left to change
+    nlp.to_disk(tmp_path / "pipeline")
+    examples_path.unlink()
+    shutil.rmtree(tmp_path / "adapter")
+    loaded = spacy.load(tmp_path / "pipeline")
+    assert [shot.text for shot in loaded.get_pipe("llm").task.prompt_examples] == [doc.text for doc in docs]
+    assert set(adapter_weights(loaded)) == set(adapter_weights(first))
+    assert all(torch.equal(adapter_weights(loaded)[k], adapter_weights(first)[k]) for k in adapter_weights(first))
+    with pytest.raises(ValueError, match="no component 'ner'"):
+        embed_in_pipeline(loaded, "ner")
 
 
 def test_a_tuned_adapter_is_saved_with_the_pipeline(tiny_model_path, tmp_path):

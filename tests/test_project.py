@@ -109,3 +109,9 @@ def test_llm_workflow_tunes_and_evaluates_the_spacy_llm_pipeline(project_dir, ti
     assert "Tuned " in result.stdout and "kept step" in result.stdout
     metrics = json.loads((project_dir / "metrics" / "llm-mini-k1-s0.json").read_text())
     assert {"ents_p", "ents_r", "ents_f", "ents_per_type"} <= set(metrics)
+    assert list((project_dir / "packages").rglob("en_cllmfs_llm_mini-*.tar.gz")), result.stdout[-2000:]
+    (run / "examples.json").unlink()  # the tuned pipeline holds its examples (and adapter) itself
+    import spacy
+
+    tuned = spacy.load(run / "model-tuned")
+    assert tuned.get_pipe("llm").task.prompt_examples and tuned.get_pipe("llm")._model.lm.adapter_state()
