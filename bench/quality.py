@@ -41,6 +41,7 @@ file holds one set of settings: continuing it with other settings is refused.
 """
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -150,6 +151,13 @@ _PRELOADED: Dict[str, Any] = {}
 def preloaded_lm() -> HFCausalLM:
     """The base model this process loaded once (for cllmfs_ner configs)."""
     return _PRELOADED["lm"]
+
+
+class PrintHandler(logging.Handler):
+    """Log records printed to the current stdout (the bench's log), flushed at once."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -469,6 +477,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if results["command"] not in commands:
         commands.append(results["command"])
 
+    tuning_log = logging.getLogger("spacy_cllmfs.llm_tuning")  # tune_llm's steps and dev scores
+    tuning_log.setLevel(logging.INFO)
+    if not any(isinstance(handler, PrintHandler) for handler in tuning_log.handlers):  # main() may run again
+        tuning_log.addHandler(PrintHandler())
     began = time.time()
     lm = HFCausalLM(settings["model"], device=args.device, dtype=settings["dtype"])
     _PRELOADED["lm"] = lm

@@ -34,7 +34,7 @@ from .prompts import Prompt
 from .spacy_llm import MODEL_NAME, SpacyLLMModel
 from .training import TrainingItem, TrainingSettings, accumulate
 
-logger = logging.getLogger("spacy_cllmfs")
+logger = logging.getLogger("spacy_cllmfs.llm_tuning")
 
 
 @dataclass

@@ -38,7 +38,9 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     quality.main(argv + ["--time-budget", "1e-9"])  # the budget is spent before the first run
     assert "Time budget" in capsys.readouterr().out and not json.loads(output.read_text())["runs"]
     quality.main(argv)
-    assert "Matrix complete" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Matrix complete" in out
+    assert "tune_llm: dev ents_f" in out and "tune_llm: step 1/" in out  # spacy_llm_lora's progress
     results = json.loads(output.read_text())
     keys = {f"{s}|politics|k1|s0" for s in quality.SYSTEMS if s != "cllmfs_general"}
     assert set(results["runs"]) == keys | {"cllmfs_general|politics|k1|s0|n4", "cllmfs_general|politics|k1|s0|n6"}
