@@ -119,6 +119,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 250, "extra_general_sizes": {"politics": [100, 500, 1000]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
+        "llm_tune_prompt_gradients": True,
     },
     # the real-model CPU matrix: Qwen2.5-Coder-1.5B-Instruct (bench/get_model.py), K=5 on the
     # four domains and K=20 on politics, 100 test sentences
@@ -131,6 +132,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 1000, "extra_general_sizes": {"politics": [250, 500]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
+        "llm_tune_prompt_gradients": True,
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
     "gpu": {
@@ -142,6 +144,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 4000, "extra_general_sizes": {"politics": [1000]}, "general_epochs": 2,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
+        "llm_tune_prompt_gradients": True,
     },
 }
 _PRELOADED: Dict[str, Any] = {}
@@ -308,7 +311,8 @@ def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
         if tune:
             begin = time.time()
             tuning = TuningSettings(epochs=settings["llm_tune_epochs"], learn_rate=settings["llm_tune_learn_rate"],
-                                    examples_shown=settings["llm_tune_examples_shown"], seed=seed)
+                                    examples_shown=settings["llm_tune_examples_shown"],
+                                    prompt_gradients=settings["llm_tune_prompt_gradients"], seed=seed)
             report = tune_llm(nlp, as_examples(nlp, shots), settings=tuning,
                               dev=as_examples(nlp, domain.dev[: settings["dev_limit"]]),
                               evaluations=settings["dev_evals"])

@@ -213,6 +213,10 @@ def tune_llm_cli(
     examples_shown: Optional[int] = typer.Option(
         None, "--examples-shown", help="Few-shot examples in each training prompt, a random subset (default: all)."
     ),
+    prompt_gradients: bool = typer.Option(
+        True, "--prompt-gradients/--no-prompt-gradients",
+        help="Train through the whole prompt; --no-prompt-gradients only through the sentence and answer (faster).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the order of sentences and examples."),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
 ) -> None:
@@ -232,7 +236,8 @@ def tune_llm_cli(
         else:
             nlp = spacy.load(pipeline, config=overrides)
         settings = TuningSettings(
-            epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, examples_shown=examples_shown, seed=seed
+            epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, examples_shown=examples_shown,
+            prompt_gradients=prompt_gradients, seed=seed,
         )
         train = as_examples(nlp, load_docbin(train_path, nlp.vocab))
         dev = as_examples(nlp, load_docbin(dev_path, nlp.vocab)) if dev_path is not None else []

@@ -52,6 +52,10 @@ class TuningSettings:
     examples_shown (Optional[int]): Show each training prompt at most this many of
         the few-shot examples, a new random subset each time (None: all of them).
         Shorter prompts train faster; inference still shows all of them.
+    prompt_gradients (bool): Backpropagate through the whole prompt. False computes
+        all that precedes the sentence (instructions, label definitions, examples)
+        without gradients, so that only the sentence and the answer are trained
+        through: several times cheaper with long prompts, but a different gradient.
     micro_batch_size (int): Prompts per forward/backward pass.
     seed (int): Seed for the order of examples and few-shot examples.
     """
@@ -64,6 +68,7 @@ class TuningSettings:
     leave_one_out: bool = True
     shuffle_examples: bool = True
     examples_shown: Optional[int] = None
+    prompt_gradients: bool = True
     micro_batch_size: int = 1
     seed: int = 0
 
@@ -84,10 +89,12 @@ class TuningSettings:
 
 @dataclass
 class TuningPair:
-    """One training prompt (as the task renders it) and its gold answer text."""
+    """One training prompt (as the task renders it) and its gold answer text;
+    `sentence_at` is where the sentence asked about starts in the prompt (-1: not found)."""
 
     prompt: str
     answer: str
+    sentence_at: int = -1
 
 
 @dataclass
@@ -158,7 +165,9 @@ def tuning_pairs(
         prompts = list(prompts)
         if len(prompts) != 1:
             raise ValueError(f"The task split a training sentence into {len(prompts)} prompts; expected one.")
-        pairs.append(TuningPair(prompt=prompts[0], answer=answer_text(gold)))
+        prompt = prompts[0]
+        at = prompt.rfind(example.reference.text)
+        pairs.append(TuningPair(prompt=prompt, answer=answer_text(gold), sentence_at=at))
     return pairs
 
 
@@ -180,13 +189,20 @@ def _prompt_examples(task: Any, shown: List[Any]) -> Iterator[None]:
 
 def tuning_items(model: SpacyLLMModel, pairs: Sequence[TuningPair]) -> List[TrainingItem]:
     """Token ids of the pairs, as the model reads them (its chat template included);
-    the answer ends with the model's end-of-answer token."""
+    the answer ends with the model's end-of-answer token. A prompt's shared part
+    (`shared_len`) is all that precedes the sentence, and at least its last token
+    is left out of it."""
     tokenizer = model.lm.tokenizer
     items: List[TrainingItem] = []
     for pair in pairs:
         ids = model.encode(pair.prompt)
         answer = list(tokenizer(pair.answer, add_special_tokens=False)["input_ids"]) + [model.end_id]
-        prompt = Prompt(ids=ids, label="", shared_len=len(ids), word_spans=[], label_positions=[])
+        shared = len(ids) - 1
+        if pair.sentence_at > 0:
+            head = model.encode(pair.prompt[: pair.sentence_at])
+            common = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), len(head))
+            shared = max(1, min(shared, common))
+        prompt = Prompt(ids=ids, label="", shared_len=shared, word_spans=[], label_positions=[])
         items.append(TrainingItem(prompt, answer, None))
     return items
 
@@ -270,7 +286,11 @@ def tune_llm(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     fit = TrainingSettings(
-        contrastive_weight=0.0, shared_prefix=False, micro_batch_size=settings.micro_batch_size, mixed_precision=True
+        contrastive_weight=0.0,
+        shared_prefix=not settings.prompt_gradients,
+        prefix_gradients=settings.prompt_gradients,
+        micro_batch_size=settings.micro_batch_size,
+        mixed_precision=True,
     )
     step = 0
     for _ in range(settings.epochs):

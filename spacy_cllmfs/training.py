@@ -73,6 +73,10 @@ class TrainingSettings:
         window; gradients reach the LoRA weights through the shared part too. Same
         loss and gradient as computing every prompt whole. It needs `answer_only_loss`
         and no FGM or gradient checkpointing; otherwise prompts are computed whole.
+    prefix_gradients (bool): Backpropagate through the shared prefix. False computes
+        it without gradients (the LoRA weights learn from the rest of each prompt and
+        its answer only): much cheaper when the prefix is most of the prompt, but a
+        different gradient. Only used when prefixes are shared (`shared_prefix`).
     seed (int): Seed for sampling prompts without entities and negatives.
     """
 
@@ -91,6 +95,7 @@ class TrainingSettings:
     mixed_precision: bool = True
     gradient_checkpointing: bool = False
     shared_prefix: bool = True
+    prefix_gradients: bool = True
     seed: int = 0
     retired: Optional[str] = None  # set by retired registered versions: training raises it
 
@@ -524,10 +529,11 @@ class LayerCapture:
 
 
 def _forward(
-    model: Any, batch: Union[Batch, SharedBatch], hidden_layer: Optional[int]
+    model: Any, batch: Union[Batch, SharedBatch], hidden_layer: Optional[int], prefix_gradients: bool = True
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The kept logits of a micro-batch and, if `hidden_layer` is set, that layer's
-    hidden states (for a shared batch: prefix and rest columns side by side)."""
+    hidden states (for a shared batch: prefix and rest columns side by side; the
+    prefix without gradients unless `prefix_gradients`)."""
     with LayerCapture(model, hidden_layer) as capture:
         if isinstance(batch, Batch):
             out = model(
@@ -539,14 +545,15 @@ def _forward(
                 logits_to_keep=batch.keep,
             )
             return out.logits, None if hidden_layer is None else capture.take(out, hidden_layer)
-        prefix = model(
-            input_ids=batch.prefix_ids,
-            attention_mask=batch.prefix_mask,
-            position_ids=batching.positions(batch.prefix_mask),
-            use_cache=True,
-            output_hidden_states=capture.fallback,
-            logits_to_keep=1,
-        )
+        with contextlib.nullcontext() if prefix_gradients else torch.no_grad():
+            prefix = model(
+                input_ids=batch.prefix_ids,
+                attention_mask=batch.prefix_mask,
+                position_ids=batching.positions(batch.prefix_mask),
+                use_cache=True,
+                output_hidden_states=capture.fallback,
+                logits_to_keep=1,
+            )
         prefix_hidden = None if hidden_layer is None else capture.take(prefix, hidden_layer)
         cache = cache_of(prefix)
         batching.select(cache, batch.owner)  # differentiable: gradients flow back to the prefix
@@ -593,7 +600,7 @@ def batch_loss(
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Forward a micro-batch and compute its share of LM loss + lambda * contrastive loss."""
     use_contrastive = settings.contrastive_weight > 0 and any(t is not None for t in batch.targets)
-    logits, hidden = _forward(model, batch, layer if use_contrastive else None)
+    logits, hidden = _forward(model, batch, layer if use_contrastive else None, settings.prefix_gradients)
     loss_lm = lm_loss(logits, batch.labels, normalizer=norms.tokens)
     parts = {"lm": float(loss_lm.detach())}
     loss = loss_lm

@@ -136,15 +136,23 @@ def test_items_end_with_the_answer_and_the_end_token(tiny_model_path):
     pairs = tuning_pairs(task, as_examples(nlp, gold(nlp))[:1], random.Random(0), TuningSettings())
     item = tuning_items(model, pairs)[0]
     assert item.prompt.ids == model.encode(pairs[0].prompt)
+    tokenizer = model.lm.tokenizer  # the shared part is all that precedes the sentence
+    sentence = gold(nlp)[0].text
+    assert pairs[0].prompt[pairs[0].sentence_at :].startswith(sentence)
+    assert sentence not in tokenizer.decode(item.prompt.ids[: item.prompt.shared_len])
+    assert tokenizer.decode(item.prompt.ids[item.prompt.shared_len :]).lstrip().startswith(sentence)
     assert item.answer[-1] == model.end_id
     assert model.lm.tokenizer.decode(item.answer[:-1]) == pairs[0].answer
 
 
-def test_tuning_teaches_the_answer(tiny_model_path):
+@pytest.mark.parametrize("prompt_gradients", [True, False])
+def test_tuning_teaches_the_answer(tiny_model_path, prompt_gradients):
     nlp = llm_nlp(tiny_model_path, max_new_tokens=120)
     docs = gold(nlp)[:1]
     examples = as_examples(nlp, docs)
-    settings = TuningSettings(epochs=40, batch_size=1, learn_rate=2e-2, warmup_steps=0, seed=0)
+    settings = TuningSettings(
+        epochs=40, batch_size=1, learn_rate=2e-2, warmup_steps=0, prompt_gradients=prompt_gradients, seed=0
+    )
     report = tune_llm(nlp, examples, settings=settings)
     assert len(report.losses) == 40
     assert report.losses[-1] < 0.1 * report.losses[0]
@@ -262,7 +270,8 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     assert spacy.load(output).pipe_names == ["llm"]
     nlp.config.to_disk(tmp_path / "llm.cfg")  # a config is assembled as spacy-llm does
     from_config = CliRunner().invoke(
-        app, ["tune-llm", str(tmp_path / "llm.cfg"), *args[2:4], "--epochs", "1", "--examples-shown", "0"]
+        app, ["tune-llm", str(tmp_path / "llm.cfg"), *args[2:4], "--epochs", "1", "--examples-shown", "0",
+              "--no-prompt-gradients"]
     )
     assert from_config.exit_code == 0, from_config.output
     assert "Tuned 1 steps on 2 sentences" in from_config.output

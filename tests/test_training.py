@@ -348,6 +348,26 @@ def test_shared_prefix_training_equals_unshared(tiny_model_config, template, con
     assert torch.allclose(grad_b, grad_a, rtol=1e-3, atol=1e-6)
 
 
+def test_prefix_without_gradients_same_loss_other_gradient(tiny_model_config):
+    """prefix_gradients = false: the same forward (loss), but the LoRA weights get
+    gradients from the rest of each prompt and the answer only."""
+    results = []
+    for through_prefix in (True, False):
+        nlp = spacy.blank("en")
+        settings = {"@misc": "spacy_cllmfs.training.v2", "micro_batch_size": 5, "contrastive_weight": 0.0}
+        nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config, "training": settings, "max_new_tokens": 16})
+        examples = make_examples(nlp)
+        nlp.initialize(lambda: examples)
+        ner = nlp.get_pipe("cllmfs_ner")
+        ner.training.prefix_gradients = through_prefix
+        randomize_adapter(ner, scale=0.1)
+        nlp.update(examples, sgd=False)
+        results.append((ner.last_losses["lm"], torch.cat([p.grad.flatten() for p in ner.model.trainable_parameters()])))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-4)
+    assert grad_b.abs().sum() > 0 and not torch.allclose(grad_b, grad_a, rtol=1e-3, atol=1e-6)
+
+
 def test_shared_prefix_falls_back_where_it_cannot_apply():
     assert TrainingSettings().shares_prefix
     for settings in ({"fgm_epsilon": 0.1}, {"answer_only_loss": False}, {"gradient_checkpointing": True},
