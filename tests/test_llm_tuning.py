@@ -92,14 +92,19 @@ def test_a_sentence_is_never_its_own_example(tiny_model_path, tmp_path):
     assert pairs[2].answer == "1. Rome | True | LOCATION | is a LOCATION"
 
 
-def test_shuffled_examples_change_order_not_content(tiny_model_path, tmp_path):
+def four_examples_and_a_question(tiny_model_path: Path, tmp_path: Path) -> tuple:
+    """A task with four few-shot examples, the docs behind them, and a new question."""
     nlp = spacy.blank("en")
     docs = gold(nlp) + [make_doc(nlp, "Ada Lovelace met Charles Babbage.", [("Ada Lovelace", "PERSON")])]
     path = tmp_path / "examples.json"
     write_ner_v3_examples(docs, LABELS, path)
     nlp = llm_nlp(tiny_model_path, path)
-    task = nlp.get_pipe("llm").task
     question = as_examples(nlp, [make_doc(nlp, "Nobody went to Oslo.", [("Oslo", "LOCATION")])])
+    return nlp.get_pipe("llm").task, docs, question
+
+
+def test_shuffled_examples_change_order_not_content(tiny_model_path, tmp_path):
+    task, _, question = four_examples_and_a_question(tiny_model_path, tmp_path)
     prompts = {tuning_pairs(task, question, random.Random(seed), TuningSettings())[0].prompt for seed in range(6)}
     assert len(prompts) > 1
     shown = [sorted(line for line in p.splitlines() if line.startswith("Paragraph:")) for p in prompts]
@@ -107,13 +112,7 @@ def test_shuffled_examples_change_order_not_content(tiny_model_path, tmp_path):
 
 
 def test_examples_shown_picks_a_new_subset_each_time(tiny_model_path, tmp_path):
-    nlp = spacy.blank("en")
-    docs = gold(nlp) + [make_doc(nlp, "Ada Lovelace met Charles Babbage.", [("Ada Lovelace", "PERSON")])]
-    path = tmp_path / "examples.json"
-    write_ner_v3_examples(docs, LABELS, path)
-    nlp = llm_nlp(tiny_model_path, path)
-    task = nlp.get_pipe("llm").task
-    question = as_examples(nlp, [make_doc(nlp, "Nobody went to Oslo.", [("Oslo", "LOCATION")])])
+    task, docs, question = four_examples_and_a_question(tiny_model_path, tmp_path)
     rng = random.Random(0)
     subsets = set()
     for _ in range(8):
