@@ -37,6 +37,14 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> Tupl
     return ids, mask
 
 
+def common_prefix_length(first: Sequence[int], other: Sequence[int]) -> int:
+    """RETURNS (int): How many leading token ids `first` and `other` share."""
+    n, limit = 0, min(len(first), len(other))
+    while n < limit and first[n] == other[n]:
+        n += 1
+    return n
+
+
 def positions(mask: torch.Tensor, start: Any = 0) -> torch.Tensor:
     """Position ids for a left-padded mask: real tokens count up from `start`
     (a number or a per-row tensor); padding gets the first position (unused)."""

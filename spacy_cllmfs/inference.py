@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from spacy.tokens import Doc, Span
 
 from .alignment import Candidate, locate
+from .batching import common_prefix_length
 from .constraints import CopyConstraint
 from .decoding import DecodingStats, Generation, PromptGroup, generate, generate_groups
 from .demonstrations import Demonstrations
@@ -302,10 +303,7 @@ def common_prefix_groups(prompts: Sequence[Sequence[int]]) -> List[PromptGroup]:
     shared = min(len(p) for p in prompts) - 1
     first = prompts[0]
     for other in prompts[1:]:
-        n = 0
-        while n < shared and other[n] == first[n]:
-            n += 1
-        shared = n
+        shared = min(shared, common_prefix_length(first, other))
     shared = max(shared, 0)
     return [PromptGroup(list(first[:shared]), [list(p[shared:]) for p in prompts])]
 

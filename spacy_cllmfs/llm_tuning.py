@@ -29,6 +29,7 @@ import torch
 from spacy.language import Language
 from spacy.training import Example
 
+from .batching import common_prefix_length
 from .loop import evaluation_steps
 from .prompts import Prompt
 from .spacy_llm import MODEL_NAME, SpacyLLMModel
@@ -200,8 +201,7 @@ def tuning_items(model: SpacyLLMModel, pairs: Sequence[TuningPair]) -> List[Trai
         shared = len(ids) - 1
         if pair.sentence_at > 0:
             head = model.encode(pair.prompt[: pair.sentence_at])
-            common = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), len(head))
-            shared = max(1, min(shared, common))
+            shared = max(1, min(shared, common_prefix_length(ids, head)))
         prompt = Prompt(ids=ids, label="", shared_len=shared, word_spans=[], label_positions=[])
         items.append(TrainingItem(prompt, answer, None))
     return items

@@ -465,7 +465,7 @@ def embed_in_pipeline(nlp: Language, component: str = "llm") -> List[str]:
         task_block["examples"] = None
         changed.append(f"components.{component}.task.examples")
     model_block = block.get("model", {})
-    if model_block.get("adapter") and isinstance(model, SpacyLLMModel) and model.lm.adapter_state() is not None:
+    if model_block.get("adapter") and isinstance(model, SpacyLLMModel) and model.lm.has_adapter:
         model_block["adapter"] = None
         changed.append(f"components.{component}.model.adapter")
     return changed

@@ -1,6 +1,7 @@
 import pytest
 
-from spacy_cllmfs.inference import WindowPrompts, in_prompt_order, prefill_tokens, prompt_groups
+from spacy_cllmfs.batching import common_prefix_length
+from spacy_cllmfs.inference import WindowPrompts, common_prefix_groups, in_prompt_order, prefill_tokens, prompt_groups
 from spacy_cllmfs.prompts import Prompt
 
 
@@ -70,3 +71,12 @@ def test_a_label_group_holds_prompts_of_similar_length():
 def test_no_prompts_no_groups(n_windows):
     batch = [WindowPrompts(0, None, [], [])] * n_windows
     assert prompt_groups(batch, 4) == ([], [])
+
+
+def test_common_prefix_groups_keep_a_token_in_every_suffix():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([], [1]) == 0
+    (group,) = common_prefix_groups([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3]])
+    assert group.prefix == [1, 2] and group.suffixes == [[3, 4], [3, 5], [3]]
+    (alone,) = common_prefix_groups([[7, 8, 9]])
+    assert alone.prefix == [7, 8] and alone.suffixes == [[9]]
