@@ -474,7 +474,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          "continuing it would mix them. Fix: write to a new --output.")
     results["settings"] = {k: v for k, v in settings.items()}
     results["profile"] = args.profile
-    results["machine"] = machine()
+    results["machine"] = here = machine()  # the latest; every machine of the file stays in "machines"
+    if here not in results.setdefault("machines", []):
+        results["machines"].append(here)
     given = list(argv) if argv is not None else sys.argv[1:]
     results["command"] = " ".join(["python", "bench/quality.py", *given])
     commands = results.setdefault("commands", [])  # every invocation of this matrix (resumes)
@@ -536,7 +538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             **result, "system": system, "domain": domain_name, "k": k, "seed": seed,
             "train_sentences": len(shots), "test_sentences": len(domain.test),
             "wall_s": time.time() - begin, "model": settings["model"],
-            "load_average_at_start": load, "load_average_at_end": load_averages(),
+            "load_average_at_start": load, "load_average_at_end": load_averages(), "machine": here,
             **({} if size is None else {"general_sentences": size}),
         }
         print(f"   ents_f={result['ents_f']:.4f} train {result['train_s']:.0f}s infer "

@@ -148,8 +148,11 @@ def relative_paths(command: str, parent: Path = ROOT.parent) -> str:
 
 
 def describe(results: Dict[str, Any]) -> str:
-    settings, machine = results.get("settings", {}), results.get("machine", {})
-    where = machine.get("gpu") or f"{machine.get('cpus')}-core CPU ({machine.get('processor') or machine.get('platform')})"
+    settings = results.get("settings", {})
+    machines = results.get("machines") or [results.get("machine", {})]
+    where = " and ".join(dict.fromkeys(
+        m.get("gpu") or f"{m.get('cpus')}-core CPU ({m.get('processor') or m.get('platform')})" for m in machines
+    ))
     commands = [relative_paths(c) for c in results.get("commands") or [results.get("command")]]
     shown = "Command: " if len(commands) == 1 else "Commands (one matrix, resumed): "
     wall = sum(run.get("wall_s", 0.0) for run in results["runs"].values())

@@ -248,8 +248,10 @@ def tune_llm_cli(
     if report.dev_scores:
         scores = ", ".join(f"{step}: {value:.3f}" for step, value in sorted(report.dev_scores.items()))
         dev_note = f"; dev ents_f by step {{{scores}}}, kept step {report.best_step}"
+    through = "the whole prompt" if prompt_gradients else "the sentence and answer only"
     typer.echo(
-        f"Tuned {len(report.losses)} steps on {len(train)} sentences: loss {report.losses[0]:.3f} -> "
+        f"Tuned {len(report.losses)} steps on {len(train)} sentences (gradients through {through}): "
+        f"loss {report.losses[0]:.3f} -> "
         f"{report.losses[-1]:.3f}{dev_note}. Wrote {output_path}"
     )
 
