@@ -61,7 +61,8 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert "1-min load average at the start of the" in describe(resumed)
     assert "Settings other than the `cpu-smoke` profile's: dev_limit = 3, epochs = 1," in describe(resumed)
     assert "model =" not in describe(resumed)  # the model is named at the start
-    assert resumed["machines"] == [resumed["machine"]] and run["machine"] == resumed["machine"]
+    assert resumed["machines"] == [resumed["machine"]]
+    assert all(run["machine"] == resumed["machine"] for run in resumed["runs"].values())
     other = dict(resumed["machine"], processor="Another CPU")  # a matrix resumed on another machine
     assert "CPU (Another CPU)" in describe(dict(resumed, machines=resumed["machines"] + [other]))
     assert resumed["profile"] == "cpu-smoke"  # recorded: the table compares with that profile, not a default
