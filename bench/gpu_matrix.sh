@@ -25,7 +25,7 @@ fi
 # train an adapter on thousands of sentences (more than one short lease on an H200) come
 # after the K-shot systems of every domain
 began=$(date +%s)
-for systems in cllmfs,spacy_ner,spacy_llm,spacy_llm_lora,cllmfs_lora,cllmfs_sentence_first cllmfs_general,cllmfs_transfer; do
+for systems in cllmfs,spacy_ner,spacy_llm,spacy_llm_lora,cllmfs_lora,cllmfs_sentence_first spacy_llm_general,cllmfs_general,cllmfs_transfer; do
   left=$(python -c "print(max(0.0, $TIME_BUDGET - ($(date +%s) - $began) / 60))")
   [ "$left" = 0.0 ] && { echo "Time budget of $TIME_BUDGET min used; rerun to continue."; break; }
   python bench/quality.py --data "$DATA" --profile gpu --model "$folder" --device cuda:0 \

@@ -12,6 +12,10 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
   spacy_llm_lora   spacy_llm, its LoRA adapter first trained on the task's own prompts
                    (spacy_cllmfs.llm_tuning.tune_llm: one prompt per sentence for all labels,
                    the sentence left out of the examples shown), best of `dev_evals` on dev
+  spacy_llm_general  spacy_llm_lora starting from a general adapter: LoRA first tuned on
+                   `llm_general_size` sentences of the general mix (as cllmfs_general's), each
+                   asked by a NER.v3 task of its own corpus, `llm_general_examples_shown` of
+                   that corpus's K-shot examples per prompt (trained once, reused)
   cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
   cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
   cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
@@ -65,19 +69,20 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import cpu_model, load_averages  # noqa: E402
 from spacy_cllmfs.adapters import AdapterState  # noqa: E402
 from spacy_cllmfs.corpora import read_conll  # noqa: E402
-from spacy_cllmfs.llm_tuning import TuningSettings, tune_llm  # noqa: E402
+from spacy_cllmfs.llm_tuning import GeneralMix, TuningSettings, tune_llm, tune_llm_general  # noqa: E402
 from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated  # noqa: E402
 from spacy_cllmfs.mixing import mix_corpora  # noqa: E402
 from spacy_cllmfs.models import HFCausalLM, cpu_bf16_support  # noqa: E402
 from spacy_cllmfs.sampling import greedy_k_shot, label_counts  # noqa: E402
-from spacy_cllmfs.spacy_llm import SpacyLLMModel, ner_v3_task, write_ner_v3_examples
+from spacy_cllmfs.spacy_llm import SpacyLLMModel, ner_v3_pipeline
 
-SYSTEMS = ("spacy_ner", "spacy_llm", "spacy_llm_lora", "cllmfs_lora", "cllmfs", "cllmfs_transfer", "cllmfs_general",
-           "cllmfs_sentence_first", "cllmfs_examples", "cllmfs_icl", "cllmfs_center", "cllmfs_other_types")
+SYSTEMS = ("spacy_ner", "spacy_llm", "spacy_llm_lora", "spacy_llm_general", "cllmfs_lora", "cllmfs", "cllmfs_transfer",
+           "cllmfs_general", "cllmfs_sentence_first", "cllmfs_examples", "cllmfs_icl", "cllmfs_center",
+           "cllmfs_other_types")
 # contrastive variants: rows of the table only where they were run
 ABLATIONS = ("cllmfs_center", "cllmfs_other_types")
 # systems shown as rows of a table only where they were run
-OPTIONAL = ABLATIONS + ("cllmfs_examples", "cllmfs_icl", "spacy_llm_lora")
+OPTIONAL = ABLATIONS + ("cllmfs_examples", "cllmfs_icl", "spacy_llm_lora", "spacy_llm_general")
 # how a cllmfs system's training.v2 settings differ from cllmfs (LoRA + contrastive 0.1)
 RECIPES: Dict[str, Dict[str, Any]] = {
     "cllmfs_lora": {"contrastive_weight": 0.0},
@@ -94,6 +99,7 @@ SYSTEM_NAMES = {
     "spacy_ner": "spaCy NER (CPU config)",
     "spacy_llm": "spacy-llm NER.v3, in-context shots",
     "spacy_llm_lora": "spacy-llm NER.v3, in-context shots + LoRA tuned on its prompts",
+    "spacy_llm_general": "spacy-llm NER.v3, LoRA tuned on a general mix, then on its prompts",
     "cllmfs_lora": "cllmfs_ner, LoRA only",
     "cllmfs": "cllmfs_ner, LoRA + contrastive",
     "cllmfs_transfer": "cllmfs_ner, CoNLL-2003 -> domain",
@@ -120,6 +126,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
+        "llm_general_size": 100, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
     },
     # the real-model CPU matrix: Qwen2.5-Coder-1.5B-Instruct (bench/get_model.py), K=5 on the
     # four domains and K=20 on politics, 100 test sentences
@@ -133,6 +140,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
+        "llm_general_size": 250, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
     "gpu": {
@@ -145,6 +153,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
+        "llm_general_size": 2000, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
     },
 }
 _PRELOADED: Dict[str, Any] = {}
@@ -292,28 +301,34 @@ def run_spacy_ner(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
         shutil.rmtree(work, ignore_errors=True)
 
 
+def llm_model(settings: Dict[str, Any]) -> SpacyLLMModel:
+    """A spacy-llm model on the preloaded base model (one adapter for all of them)."""
+    return SpacyLLMModel(_PRELOADED["lm"], max_new_tokens=settings["llm_max_new_tokens"],
+                         batch_size=settings["decode_batch_size"])
+
+
+def llm_tuning(settings: Dict[str, Any], seed: int, general: bool = False) -> TuningSettings:
+    """How tune_llm trains on the shots (or, with `general`, on a general mix)."""
+    prefix = "llm_general" if general else "llm_tune"
+    return TuningSettings(epochs=settings[f"{prefix}_epochs"], learn_rate=settings["llm_tune_learn_rate"],
+                          examples_shown=settings[f"{prefix}_examples_shown"],
+                          prompt_gradients=settings["llm_tune_prompt_gradients"], seed=seed)
+
+
 def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any], tune: bool = False,
-                  seed: int = 0) -> Dict[str, Any]:
+                  seed: int = 0, start: Optional[AdapterState] = None) -> Dict[str, Any]:
     """spacy-llm's NER.v3 with the shots as prompt examples; with `tune`, its LoRA adapter is
-    first trained on the task's own prompts (`spacy_cllmfs.llm_tuning.tune_llm`, leave one out)."""
+    first trained on the task's own prompts (`spacy_cllmfs.llm_tuning.tune_llm`, leave one out),
+    from the adapter `start` if given (dev step 0 then scores `start` as it is)."""
     lm: HFCausalLM = _PRELOADED["lm"]
-    lm.reset_adapter()
-    model = SpacyLLMModel(lm, max_new_tokens=settings["llm_max_new_tokens"], batch_size=settings["decode_batch_size"])
-    name = f"bench.preloaded_llm.{id(model)}"
-    registry.llm_models.register(name, func=lambda: model)
+    lm.reset_adapter(start)
     work = Path(tempfile.mkdtemp(prefix="bench-spacy-llm-"))
     try:
-        n_examples = write_ner_v3_examples(shots, domain.labels, work / "examples.json")
-        nlp = spacy.blank("en")
-        nlp.add_pipe("llm", config={"task": ner_v3_task(domain.labels, work / "examples.json"),
-                                    "model": {"@llm_models": name}})
+        nlp, n_examples = ner_v3_pipeline(llm_model(settings), domain.labels, shots, work / "examples.json")
         info: Dict[str, Any] = {"train_s": 0.0, "prompt_examples": n_examples}
         if tune:
             begin = time.time()
-            tuning = TuningSettings(epochs=settings["llm_tune_epochs"], learn_rate=settings["llm_tune_learn_rate"],
-                                    examples_shown=settings["llm_tune_examples_shown"],
-                                    prompt_gradients=settings["llm_tune_prompt_gradients"], seed=seed)
-            report = tune_llm(nlp, as_examples(nlp, shots), settings=tuning,
+            report = tune_llm(nlp, as_examples(nlp, shots), settings=llm_tuning(settings, seed),
                               dev=as_examples(nlp, domain.dev[: settings["dev_limit"]]),
                               evaluations=settings["dev_evals"])
             info.update(train_s=time.time() - begin, steps=len(report.losses), first_loss=report.losses[0],
@@ -357,14 +372,51 @@ class Run(NamedTuple):
         return key if self.size is None else f"{key}|n{self.size}"
 
 
+def general_sources(data: Path, target: str, vocab: Any) -> List[Tuple[str, List[Doc]]]:
+    """The corpora of the general mix for a target domain: CoNLL-2003 and the CrossNER
+    domains other than `target` (nothing of the target leaks), with their train docs."""
+    names = ["conll2003"] + [d for d in DOMAINS if d != target and (data / d).exists()]
+    return [(name, read_conll(data / name / "train.txt", vocab)) for name in names]
+
+
 def general_docs(data: Path, target: str, size: int, vocab: Any) -> List[Doc]:
     """The general NER mix for a target domain (`spacy_cllmfs.mixing.mix_corpora`):
-    CoNLL-2003 and the CrossNER domains other than `target` (nothing of the target
-    leaks), `size` training sentences with entities, an equal share per source and
-    CoNLL-2003 filling the rest, each Doc declaring its own corpus's labels."""
-    sources = ["conll2003"] + [d for d in DOMAINS if d != target and (data / d).exists()]
-    corpora = [read_conll(data / name / "train.txt", vocab) for name in sources]
-    return mix_corpora(corpora, size, fill=0, seed=0)
+    `size` training sentences with entities from `general_sources`, an equal share per
+    source and CoNLL-2003 filling the rest, each Doc declaring its own corpus's labels."""
+    return mix_corpora([docs for _, docs in general_sources(data, target, vocab)], size, fill=0, seed=0)
+
+
+def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], target: str,
+                        size: int) -> Tuple[AdapterState, Dict[str, Any]]:
+    """Train (once) or load the general adapter of the spacy-llm path for a target domain:
+    the same mix as cllmfs_general's, each sentence asked by a NER.v3 task of its own corpus
+    (its labels, its K-shot examples, `llm_general_examples_shown` of them per prompt),
+    all corpora in one shuffled stream (`spacy_cllmfs.llm_tuning.tune_llm_general`).
+
+    RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
+    """
+    grads = "" if settings["llm_tune_prompt_gradients"] else "-nograd"
+    folder = args.work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
+                          f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}{grads}")
+    if (folder / "adapter_config.json").exists():
+        return AdapterState.from_disk(folder), json.loads((folder / "training.json").read_text())
+    corpora = dict(general_sources(args.data, target, spacy.blank("en").vocab))
+    lm: HFCausalLM = _PRELOADED["lm"]
+    lm.reset_adapter()
+    print(f"Training the general spacy-llm adapter for {target} on {size} sentences of {list(corpora)}", flush=True)
+    begin = time.time()
+    try:
+        report = tune_llm_general(llm_model(settings), corpora, mix=GeneralMix(size, settings["shots"][0]),
+                                  settings=llm_tuning(settings, seed=0, general=True))
+        state = lm.adapter_state()
+    finally:
+        lm.reset_adapter()
+    info = {"sentences": sum(report.sources.values()), "per_corpus": report.sources, "steps": len(report.losses),
+            "first_loss": report.losses[0], "last_loss": report.losses[-1], "train_s": time.time() - begin,
+            "examples_shown": settings["llm_general_examples_shown"], "epochs": settings["llm_general_epochs"]}
+    state.to_disk(folder)
+    write_json(folder / "training.json", info)
+    return state, info
 
 
 def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language, target: str,
@@ -387,12 +439,18 @@ def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Lan
     return state, info
 
 
+def general_size(settings: Dict[str, Any], system: str) -> Optional[int]:
+    """The general mix size of a system's runs (None: it trains no general adapter)."""
+    key = {"cllmfs_general": "general_size", "spacy_llm_general": "llm_general_size"}.get(system)
+    return settings.get(key) if key else None
+
+
 def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str]) -> List[Run]:
     """The runs in order of importance, so that a short time budget still yields the
     rows that matter: the first K and seed on every domain first (domains and systems
     in the order given), then extra shots and seeds, then the other general mix sizes."""
     def sized(domain: str, k: int, seed: int, system: str) -> Run:
-        return Run(domain, k, seed, system, settings["general_size"] if system == "cllmfs_general" else None)
+        return Run(domain, k, seed, system, general_size(settings, system))
 
     k0, seed0 = settings["shots"][0], settings["seeds"][0]
     first = [sized(d, k0, seed0, s) for d in domains for s in systems]
@@ -518,6 +576,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             result = run_spacy_ner(shots, domain, settings, seed)
         elif system in ("spacy_llm", "spacy_llm_lora"):
             result = run_spacy_llm(shots, domain, settings, tune=system == "spacy_llm_lora", seed=seed)
+        elif system == "spacy_llm_general":
+            start, general = general_llm_adapter(args, settings, domain_name, size)
+            result = {**run_spacy_llm(shots, domain, settings, tune=True, seed=seed, start=start),
+                      "general_adapter": general}
         else:
             model_nlp = cllmfs_nlp(settings, system)
             start, general = None, None

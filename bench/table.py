@@ -14,7 +14,8 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import (  # noqa: E402
-    ABLATIONS, DEFAULT_PROFILE, DOMAINS, GLINER_PUBLISHED, OPTIONAL, PROFILES, SYSTEM_NAMES, SYSTEMS, summarize,
+    ABLATIONS, DEFAULT_PROFILE, DOMAINS, GLINER_PUBLISHED, OPTIONAL, PROFILES, SYSTEM_NAMES, SYSTEMS, general_size,
+    summarize,
 )
 
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
@@ -29,10 +30,11 @@ def quality_table(results: Dict[str, Any]) -> str:
     )
     header = ["system"] + [f"{d} K={k}" for d, k in columns] + ["train s", "infer s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    general = results.get("settings", {}).get("general_size")
+    settings = results.get("settings", {})
     for system in SYSTEMS:
         cells, train, infer = [], [], []
-        size = f"|n{general}" if system == "cllmfs_general" and general else ""
+        general = general_size(settings, system)
+        size = f"|n{general}" if general else ""
         for domain, k in columns:
             entry = summary.get(f"{system}|{domain}|k{k}{size}")
             if entry is None:

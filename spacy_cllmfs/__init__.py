@@ -6,7 +6,7 @@ Importing the package registers the `cllmfs_ner` factory and the
 from .about import __version__
 from .callbacks import checkpoint_v1
 from .component import CLLMFSNer, make_cllmfs_ner
-from .llm_tuning import TuningSettings, tune_llm
+from .llm_tuning import GeneralMix, TuningSettings, tune_llm, tune_llm_general, tune_llm_mixed
 from .models import HFCausalLM, LoRASettings, hf_causal_lm_v1, lora_v1
 from .prompts import PromptTemplate, prompt_v1
 from .spacy_llm import SpacyLLMModel, embed_in_pipeline, ner_v3_examples, spacy_llm_model_v1, write_ner_v3_examples
@@ -14,6 +14,7 @@ from .training import TrainingSettings, training_v1, training_v2
 
 __all__ = [
     "CLLMFSNer",
+    "GeneralMix",
     "HFCausalLM",
     "LoRASettings",
     "PromptTemplate",
@@ -33,4 +34,6 @@ __all__ = [
     "training_v1",
     "training_v2",
     "tune_llm",
+    "tune_llm_general",
+    "tune_llm_mixed",
 ]

@@ -100,6 +100,32 @@ def subset_cli(
     typer.echo(f"Kept {len(kept)} of {len(docs)} docs in {output_path}")
 
 
+def _check_excluded(paths: List[Path], exclude: List[Path]) -> None:
+    """RAISES (ValueError): If one of `paths` is excluded (the target domain's data)."""
+    leaked = sorted(str(p) for p in paths if p.resolve() in {e.resolve() for e in exclude})
+    if leaked:
+        raise ValueError(
+            f"{', '.join(leaked)} is excluded from the mix (the target domain's data would leak "
+            "into the general adapter). Fix: remove it from the inputs (the project's general_corpora)."
+        )
+
+
+def _load_llm_pipeline(pipeline: Path, component: str, gpu_id: int) -> Any:
+    """An `llm` pipeline from a config file (assembled as spacy-llm does) or a folder."""
+    import spacy
+    from spacy_llm.util import assemble
+
+    overrides = {f"components.{component}.model.device": f"cuda:{gpu_id}"} if gpu_id >= 0 else {}
+    if pipeline.is_file():
+        return assemble(pipeline, overrides=overrides)
+    return spacy.load(pipeline, config=overrides)
+
+
+def _load_corpus(path: Path, vocab: Vocab) -> List[Any]:
+    """The Docs of a .spacy file or of any file `convert` reads."""
+    return load_docbin(path, vocab) if path.suffix == ".spacy" else read_docs(path)
+
+
 @app.command("mix")
 def mix_cli(
     output_path: Path = typer.Argument(..., help="Output .spacy file with the mix."),
@@ -112,16 +138,9 @@ def mix_cli(
     """Mix several corpora into a general training set: an equal share per input, each
     Doc declaring its corpus's labels (train on it, then fine-tune on the few shots)."""
     with _report_errors():
-        leaked = sorted(str(p) for p in input_paths if p.resolve() in {e.resolve() for e in exclude})
-        if leaked:
-            raise ValueError(
-                f"{', '.join(leaked)} is excluded from the mix (the target domain's data would leak "
-                "into the general adapter). Fix: remove it from the inputs (the project's general_corpora)."
-            )
+        _check_excluded(input_paths, exclude)
         vocab = Vocab()
-        corpora = [
-            load_docbin(path, vocab) if path.suffix == ".spacy" else read_docs(path) for path in input_paths
-        ]
+        corpora = [_load_corpus(path, vocab) for path in input_paths]
         mix = mix_corpora(corpora, size, fill=fill, seed=seed)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         DocBin(store_user_data=True, docs=mix).to_disk(output_path)
@@ -221,20 +240,14 @@ def tune_llm_cli(
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
 ) -> None:
     """Tune the LoRA adapter of a spacy-llm `llm` component (served by
-    spacy_cllmfs.SpacyLLMModel.v1) on its task's own prompts, then save the pipeline."""
-    import spacy
-    from spacy_llm.util import assemble
-
+    spacy_cllmfs.SpacyLLMModel.v1) on its task's own prompts, then save the pipeline.
+    A pipeline saved by `tune-llm-general` is tuned further from its general adapter."""
     from .llm_tuning import TuningSettings, tune_llm
     from .loop import as_examples
     from .spacy_llm import embed_in_pipeline
 
     with _report_errors():
-        overrides = {f"components.{component}.model.device": f"cuda:{gpu_id}"} if gpu_id >= 0 else {}
-        if pipeline.is_file():
-            nlp = assemble(pipeline, overrides=overrides)
-        else:
-            nlp = spacy.load(pipeline, config=overrides)
+        nlp = _load_llm_pipeline(pipeline, component, gpu_id)
         settings = TuningSettings(
             epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, examples_shown=examples_shown,
             prompt_gradients=prompt_gradients, seed=seed,
@@ -253,6 +266,49 @@ def tune_llm_cli(
         f"Tuned {len(report.losses)} steps on {len(train)} sentences (gradients through {through}): "
         f"loss {report.losses[0]:.3f} -> "
         f"{report.losses[-1]:.3f}{dev_note}. Wrote {output_path}"
+    )
+
+
+@app.command("tune-llm-general")
+def tune_llm_general_cli(
+    pipeline: Path = typer.Argument(..., help="An `llm` pipeline: a config file (.cfg) or a pipeline folder."),
+    output_path: Path = typer.Argument(..., help="Folder for the pipeline with its general adapter."),
+    corpora: List[Path] = typer.Argument(..., help="Gold corpora of other labels (.spacy or any `convert` format)."),
+    size: int = typer.Option(250, "--size", "-n", help="Sentences of the mix, an equal share per corpus."),
+    shots: int = typer.Option(5, "--shots", help="K of each corpus's few-shot examples."),
+    exclude: List[Path] = typer.Option([], "--exclude", help="A file that must not be mixed in (the target's)."),
+    component: str = typer.Option("llm", "--component", help="Name of the spacy-llm component."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the mix."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Sentences per optimizer step."),
+    learn_rate: float = typer.Option(3e-4, "--learn-rate", help="Peak learn rate."),
+    examples_shown: int = typer.Option(2, "--examples-shown", help="Few-shot examples in each training prompt."),
+    prompt_gradients: bool = typer.Option(
+        True, "--prompt-gradients/--no-prompt-gradients", help="Train through the whole prompt (see tune-llm)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the mix, the shots and the order."),
+    gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
+) -> None:
+    """Tune the LoRA adapter of a spacy-llm `llm` component on a general NER mix of other
+    corpora (each sentence asked by a spacy.NER.v3 task of its own corpus's labels and
+    examples), then save the pipeline: `tune-llm` on the shots continues from it."""
+    from .llm_tuning import GeneralMix, TuningSettings, llm_model_of, tune_llm_general
+    from .spacy_llm import embed_in_pipeline
+
+    with _report_errors():
+        _check_excluded(corpora, exclude)
+        nlp = _load_llm_pipeline(pipeline, component, gpu_id)
+        settings = TuningSettings(epochs=epochs, batch_size=batch_size, learn_rate=learn_rate,
+                                  examples_shown=examples_shown, prompt_gradients=prompt_gradients, seed=seed)
+        docs = {str(path): _load_corpus(path, nlp.vocab) for path in corpora}
+        report = tune_llm_general(llm_model_of(nlp, component)[1], docs, mix=GeneralMix(size, shots, seed),
+                                  settings=settings)
+        embed_in_pipeline(nlp, component)
+        save_pipeline(nlp, output_path, ".tuning")
+    taken = ", ".join(f"{path} {n}" for path, n in report.sources.items())
+    typer.echo(
+        f"Tuned the general adapter {len(report.losses)} steps on {sum(report.sources.values())} sentences "
+        f"({taken}): loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}. Wrote {output_path}; "
+        f"continue with `tune-llm {output_path} TRAIN.spacy OUTPUT`"
     )
 
 

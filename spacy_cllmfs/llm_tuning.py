@@ -17,22 +17,32 @@ without it (leave one out), so the adapter cannot learn to copy the answer from
 the prompt; the order of the examples shown is shuffled each epoch. The gold
 answer is written as the task writes an example's answer (for chain-of-thought
 span tasks such as `spacy.NER.v3`: `1. span | True | label | reason` lines).
+
+`tune_llm_general` first trains the adapter on a general NER mix (other corpora,
+each sentence asked by a task of its own corpus's labels and examples; on
+`tune_llm_mixed`, which trains on several pipelines' prompts at once), a general
+adapter to start the few-shot `tune_llm` from.
 """
 import contextlib
 import logging
 import math
 import random
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from spacy.language import Language
+from spacy.tokens import Doc
 from spacy.training import Example
 
 from .batching import common_prefix_length
 from .loop import evaluation_steps
+from .mixing import mix_corpora
 from .prompts import Prompt
-from .spacy_llm import MODEL_NAME, SpacyLLMModel
+from .sampling import greedy_k_shot, label_counts
+from .spacy_llm import MODEL_NAME, SpacyLLMModel, ner_v3_pipeline
 from .training import TrainingItem, TrainingSettings, accumulate
 
 logger = logging.getLogger("spacy_cllmfs.llm_tuning")
@@ -105,11 +115,13 @@ class TuningReport:
     losses (List[float]): The mean answer-token loss of each step.
     dev_scores (Dict[int, float]): The dev score at each evaluated step (0: before training).
     best_step (int): The step whose adapter was kept.
+    sources (Dict[str, int]): Training sentences per corpus (`tune_llm_general`).
     """
 
     losses: List[float] = field(default_factory=list)
     dev_scores: Dict[int, float] = field(default_factory=dict)
     best_step: int = 0
+    sources: Dict[str, int] = field(default_factory=dict)
 
 
 def answer_text(prompt_example: Any) -> str:
@@ -250,16 +262,14 @@ def tune_llm(
     RETURNS (TuningReport): The losses, dev scores and the step kept.
     """
     settings = settings or TuningSettings()
-    examples = list(examples)
-    if not examples:
-        raise ValueError("tune_llm: no training examples.")
     if dev and evaluations < 1:
         raise ValueError(f"tune_llm: evaluations must be >= 1, got {evaluations}.")
     task, model = llm_model_of(nlp, component)
+    stream = [(task, model, example) for example in examples]
+    if not stream:
+        raise ValueError("tune_llm: no training examples.")
     lm = model.lm
-    rng = random.Random(settings.seed)
-    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    steps = steps_per_epoch * settings.epochs
+    steps = math.ceil(len(stream) / settings.batch_size) * settings.epochs
     at = evaluation_steps(steps, evaluations) if dev else set()
     report = TuningReport()
     kept: List[Any] = []
@@ -274,6 +284,122 @@ def tune_llm(
 
     if dev:
         evaluate(0)
+    report.losses = _train(stream, settings, lambda step: evaluate(step) if step in at else None)
+    if dev and report.best_step != len(report.losses):
+        lm.reset_adapter(kept[0])
+    return report
+
+
+def tune_llm_mixed(
+    sources: Sequence[Tuple[Language, Sequence[Example]]],
+    *,
+    component: str = "llm",
+    settings: Optional[TuningSettings] = None,
+) -> TuningReport:
+    """Train one LoRA adapter on the prompts of several `llm` pipelines at once, e.g.
+    a general NER mix: one pipeline per corpus, each with that corpus's labels and
+    few-shot examples, its training sentences asked by its own task. All pipelines
+    must be served by the same base model (`SpacyLLMModel.v1` on one `HFCausalLM`),
+    whose adapter is trained; the examples of all sources are shuffled together.
+    Train a target pipeline on the same model from there with `tune_llm`.
+
+    sources (Sequence[Tuple[Language, Sequence[Example]]]): Pipelines and the gold
+        examples their task asks about.
+    component (str): The name of the `llm` component in every pipeline.
+    settings (Optional[TuningSettings]): How to train (None: the defaults).
+    RETURNS (TuningReport): The losses (no dev scores: select on the target).
+    """
+    settings = settings or TuningSettings()
+    stream = []
+    lm = None
+    for nlp, examples in sources:
+        task, model = llm_model_of(nlp, component)
+        if lm is not None and model.lm is not lm:
+            raise ValueError(
+                "tune_llm_mixed trains one adapter, but the pipelines are served by different models. "
+                "Fix: build every pipeline's SpacyLLMModel.v1 on the same HFCausalLM instance."
+            )
+        lm = model.lm
+        stream.extend((task, model, example) for example in examples)
+    if not stream:
+        raise ValueError("tune_llm_mixed: no training examples.")
+    return TuningReport(losses=_train(stream, settings, lambda step: None))
+
+
+@dataclass
+class GeneralMix:
+    """The general NER mix `tune_llm_general` trains on first.
+
+    size (int): Sentences with entities in the mix, an equal share per corpus
+        (`spacy_cllmfs.mixing.mix_corpora`; the first corpus fills the rest).
+    shots (int): K of each corpus's few-shot examples (balanced K-shot sample).
+    seed (int): Seed of the mix and of the shots.
+    """
+
+    size: int = 250
+    shots: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.shots < 1:
+            raise ValueError(f"GeneralMix: size and shots must be >= 1, got {self.size} and {self.shots}.")
+
+
+def tune_llm_general(
+    model: SpacyLLMModel,
+    corpora: Dict[str, Sequence[Doc]],
+    *,
+    mix: Optional[GeneralMix] = None,
+    settings: Optional[TuningSettings] = None,
+) -> TuningReport:
+    """Train the adapter of `model` on a general NER mix, to start the few-shot
+    `tune_llm` from: each sentence is asked by a `spacy.NER.v3` task of its own
+    corpus (that corpus's labels, K-shot examples drawn from it), so a sentence never
+    teaches "no entity" for a label its corpus does not annotate. Leave the target
+    domain's data out, so that nothing of it leaks.
+
+    model (SpacyLLMModel): The model (e.g. of the target `llm` component, see
+        `llm_model_of`), whose adapter is trained (a fresh one if it has none).
+    corpora (Dict[str, Sequence[Doc]]): Gold corpora by name (e.g. "conll2003").
+    mix (Optional[GeneralMix]): The size of the mix and the shots (None: defaults).
+    settings (Optional[TuningSettings]): How to train (None: the defaults;
+        `examples_shown` keeps the prompts short).
+    RETURNS (TuningReport): The losses and the sentences taken per corpus.
+    """
+    mix = mix or GeneralMix()
+    names = list(corpora)
+    if not names:
+        raise ValueError("tune_llm_general: no corpora. Fix: pass at least one gold corpus of other labels.")
+    chosen = {id(doc) for doc in mix_corpora([corpora[name] for name in names], mix.size, fill=0, seed=mix.seed)}
+    sources: List[Tuple[Language, List[Example]]] = []
+    taken: Dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="cllmfs-general-") as work:
+        for name in names:
+            docs = list(corpora[name])
+            labels = sorted(label_counts(docs))
+            shots = greedy_k_shot(docs, mix.shots, labels=labels, seed=mix.seed, strategy="balanced")
+            nlp, _ = ner_v3_pipeline(model, labels, shots, Path(work) / f"examples-{len(sources)}.json")
+            picked = [Example(nlp.make_doc(doc.text), doc) for doc in docs if id(doc) in chosen]
+            sources.append((nlp, picked))
+            taken[name] = len(picked)
+    report = tune_llm_mixed(sources, settings=settings)
+    report.sources = taken
+    return report
+
+
+def _train(
+    stream: Sequence[Tuple[Any, SpacyLLMModel, Example]],
+    settings: TuningSettings,
+    after_step: Callable[[int], None],
+) -> List[float]:
+    """Train the adapter of the stream's model (shared by all its items) on the
+    gold answers of (task, model, example) triples, in a new random order each
+    epoch; `after_step` is called with each step's number (from 1).
+    RETURNS (List[float]): The mean answer-token loss of each step.
+    """
+    lm = stream[0][1].lm
+    rng = random.Random(settings.seed)
+    steps = math.ceil(len(stream) / settings.batch_size) * settings.epochs
     lm.ensure_lora()
     params = lm.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=settings.learn_rate, weight_decay=0.0)
@@ -292,13 +418,14 @@ def tune_llm(
         micro_batch_size=settings.micro_batch_size,
         mixed_precision=True,
     )
-    step = 0
+    losses: List[float] = []
     for _ in range(settings.epochs):
-        order = list(examples)
+        order = list(stream)
         rng.shuffle(order)
         for start in range(0, len(order), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            items = tuning_items(model, tuning_pairs(task, batch, rng, settings))
+            items: List[TrainingItem] = []
+            for task, model, example in order[start : start + settings.batch_size]:
+                items.extend(tuning_items(model, tuning_pairs(task, [example], rng, settings)))
             lm.ensure_lora()
             torch_model = lm.model.train()
             try:
@@ -310,14 +437,11 @@ def tune_llm(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
-            step += 1
-            report.losses.append(totals["loss"])
-            logger.info("tune_llm: step %d/%d loss %.4f", step, steps, totals["loss"])
-            if step in at:
-                evaluate(step)
-    if dev and report.best_step != step:
-        lm.reset_adapter(kept[0])
-    return report
+            losses.append(totals["loss"])
+            logger.info("tune_llm: step %d/%d loss %.4f", len(losses), steps, totals["loss"])
+            after_step(len(losses))
+    return losses
 
 
-__all__ = ("TuningPair", "TuningReport", "TuningSettings", "answer_text", "tune_llm", "tuning_items", "tuning_pairs")
+__all__ = ("GeneralMix", "TuningPair", "TuningReport", "TuningSettings", "answer_text", "tune_llm", "tune_llm_general",
+           "tune_llm_mixed", "tuning_items", "tuning_pairs")

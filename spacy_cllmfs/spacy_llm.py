@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import catalogue
+import spacy
 import srsly
 from spacy.language import Language
 from spacy.tokens import Doc
@@ -440,6 +441,28 @@ def ner_v3_task(labels: Sequence[str], examples_path: Union[str, Path]) -> Dict[
     }
 
 
+def ner_v3_pipeline(
+    model: SpacyLLMModel, labels: Sequence[str], shots: Iterable[Doc], examples_path: Union[str, Path]
+) -> Tuple[Language, int]:
+    """A blank English pipeline whose `llm` component asks `spacy.NER.v3` about
+    `labels` with `shots` as its few-shot examples (written to `examples_path`),
+    served by the model instance `model`: several such pipelines share one model
+    and its adapter (e.g. one per corpus of a general training mix).
+
+    model (SpacyLLMModel): The model to serve the component.
+    labels (Sequence[str]): The task's labels.
+    shots (Iterable[Doc]): Gold docs, the few-shot examples.
+    examples_path (Union[str, Path]): Where to write the examples (.json, .yml...).
+    RETURNS (Tuple[Language, int]): The pipeline and the number of examples.
+    """
+    name = f"spacy_cllmfs.shared_model.{id(model)}"
+    _llm_models().register(name, func=lambda: model)
+    n_examples = write_ner_v3_examples(shots, labels, examples_path)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("llm", config={"task": ner_v3_task(labels, examples_path), "model": {"@llm_models": name}})
+    return nlp, n_examples
+
+
 def embed_in_pipeline(nlp: Language, component: str = "llm") -> List[str]:
     """Let a saved `llm` pipeline load from what it stores itself: its config stops
     pointing at the few-shot examples file and at the adapter folder it was built from
@@ -489,6 +512,7 @@ __all__: Tuple[str, ...] = (
     "SpacyLLMModel",
     "embed_in_pipeline",
     "ner_v3_examples",
+    "ner_v3_pipeline",
     "ner_v3_task",
     "spacy_llm_model_v1",
     "write_ner_v3_examples",

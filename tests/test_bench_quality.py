@@ -33,7 +33,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
         "--output", str(output), "--work", str(tmp_path / "work"),
         "--set", "source_limit=4", "--set", "spacy_ner_steps=4", "--set", "max_new_tokens=12",
         "--set", "llm_max_new_tokens=12", "--set", "dev_limit=3", "--set", "llm_tune_epochs=1",
-        "--set", "general_size=4", "--set", 'extra_general_sizes={"politics": [6]}',
+        "--set", "general_size=4", "--set", 'extra_general_sizes={"politics": [6]}', "--set", "llm_general_size=4",
     ]
     quality.main(argv + ["--time-budget", "1e-9"])  # the budget is spent before the first run
     assert "Time budget" in capsys.readouterr().out and not json.loads(output.read_text())["runs"]
@@ -42,8 +42,9 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert "Matrix complete" in out
     assert "tune_llm: dev ents_f" in out and "tune_llm: step 1/" in out  # spacy_llm_lora's progress
     results = json.loads(output.read_text())
-    keys = {f"{s}|politics|k1|s0" for s in quality.SYSTEMS if s != "cllmfs_general"}
-    assert set(results["runs"]) == keys | {"cllmfs_general|politics|k1|s0|n4", "cllmfs_general|politics|k1|s0|n6"}
+    keys = {f"{s}|politics|k1|s0" for s in quality.SYSTEMS if s not in ("cllmfs_general", "spacy_llm_general")}
+    sized = {"cllmfs_general|politics|k1|s0|n4", "cllmfs_general|politics|k1|s0|n6", "spacy_llm_general|politics|k1|s0|n4"}
+    assert set(results["runs"]) == keys | sized
     for run in results["runs"].values():
         assert 0.0 <= run["ents_f"] <= 1.0 and run["infer_s"] > 0 and run["train_sentences"] > 0
         assert len(run["load_average_at_start"]) == 3 and len(run["load_average_at_end"]) == 3
@@ -51,13 +52,16 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert list((tmp_path / "work").glob("source-*/adapter_config.json"))
     general = results["runs"]["cllmfs_general|politics|k1|s0|n6"]
     assert general["general_sentences"] == 6 and general["general_adapter"]["sentences"] == 6
-    assert len(list((tmp_path / "work").glob("general-*-politics-n*/adapter_config.json"))) == 2
+    assert len(list((tmp_path / "work").glob("general-*-politics-n*/adapter_config.json"))) == 3
+    general_llm = results["runs"]["spacy_llm_general|politics|k1|s0|n4"]  # conll2003 and music, 2 each
+    assert general_llm["general_adapter"]["per_corpus"] == {"conll2003": 2, "music": 2}
+    assert general_llm["general_adapter"]["steps"] == 2 and "0" in general_llm["dev_scores"]
     quality.main(argv)  # everything is done already: nothing runs again
     assert json.loads(output.read_text())["runs"] == results["runs"]
     quality.main(argv + ["--systems", "spacy_ner"])  # a resume with other arguments is recorded too
     resumed = json.loads(output.read_text())
     assert resumed["runs"] == results["runs"] and len(resumed["commands"]) == 3
-    assert "Commands (one matrix, resumed)" in describe(resumed) and f"{len(keys) + 2} runs" in describe(resumed)
+    assert "Commands (one matrix, resumed)" in describe(resumed) and f"{len(keys) + 3} runs" in describe(resumed)
     assert "1-min load average at the start of the" in describe(resumed)
     assert "Settings other than the `cpu-smoke` profile's: dev_limit = 3, epochs = 1," in describe(resumed)
     assert "model =" not in describe(resumed)  # the model is named at the start
@@ -82,6 +86,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     for system in quality.SYSTEMS:
         assert f"| {quality.SYSTEM_NAMES[system]}" in table
     assert "politics K=1" in table and "GLiNER-L" in table and "general mix -> domain (n=4) |" in table
+    assert "then on its prompts (n=4) |" in table
     effect = contrastive_table(results)
     assert len(effect.splitlines()) == 2 + 1 + len(quality.ABLATIONS) and "(1) |" in effect
     sweep = general_size_table(results)

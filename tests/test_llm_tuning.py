@@ -10,8 +10,13 @@ import torch
 from spacy.tokens import Doc
 from spacy.training import Example
 
-from spacy_cllmfs.llm_tuning import TuningSettings, answer_text, tune_llm, tuning_items, tuning_pairs
-from spacy_cllmfs.spacy_llm import MODEL_NAME, embed_in_pipeline, write_ner_v3_examples
+from spacy.util import registry
+
+from spacy_cllmfs import llm_tuning
+from spacy_cllmfs.llm_tuning import (
+    GeneralMix, TuningSettings, answer_text, tune_llm, tune_llm_general, tune_llm_mixed, tuning_items, tuning_pairs,
+)
+from spacy_cllmfs.spacy_llm import MODEL_NAME, SpacyLLMModel, embed_in_pipeline, write_ner_v3_examples
 
 LABELS = ["PERSON", "LOCATION"]
 
@@ -185,6 +190,69 @@ def test_dev_selection_keeps_the_best_adapter(tiny_model_path, monkeypatch):
     assert all(torch.equal(kept.weights[name], now.weights[name]) for name in kept.weights)
 
 
+def pipeline_on(lm, labels: List[str]) -> spacy.Language:
+    """An `llm` pipeline with its own labels, served by the model `lm` of another one."""
+    model = SpacyLLMModel(lm, max_new_tokens=120, batch_size=4)
+    name = f"test.shared_llm.{id(model)}"
+    registry.llm_models.register(name, func=lambda: model)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("llm", config={
+        "task": {"@llm_tasks": "spacy.NER.v3", "labels": labels}, "model": {"@llm_models": name}, "save_io": True,
+    })
+    return nlp
+
+
+def test_mixed_tuning_teaches_each_pipeline_its_own_task(tiny_model_path):
+    people = llm_nlp(tiny_model_path, max_new_tokens=120)
+    orgs = pipeline_on(people.get_pipe("llm")._model.lm, ["ORG"])
+    docs = gold(people)
+    settings = TuningSettings(epochs=40, batch_size=2, learn_rate=2e-2, warmup_steps=0, seed=0)
+    report = tune_llm_mixed([(people, as_examples(people, docs[:1])), (orgs, as_examples(orgs, docs[2:]))],
+                            settings=settings)
+    assert len(report.losses) == 40 and report.dev_scores == {}
+    assert report.losses[-1] < 0.1 * report.losses[0]
+    assert [(e.text, e.label_) for e in people(docs[0].text).ents] == [("Barack Obama", "PERSON"), ("Paris", "LOCATION")]
+    # the same adapter, asked by the other task: only its label, learned from its own answer
+    assert [(e.text, e.label_) for e in orgs(docs[2].text).ents] == [("United Nations", "ORG")]
+
+
+def test_mixed_tuning_needs_one_model(tiny_model_path):
+    first, second = llm_nlp(tiny_model_path), llm_nlp(tiny_model_path)
+    examples = as_examples(first, gold(first))
+    with pytest.raises(ValueError, match="same HFCausalLM"):
+        tune_llm_mixed([(first, examples), (second, examples)])
+    with pytest.raises(ValueError, match="no training examples"):
+        tune_llm_mixed([(first, [])])
+
+
+def test_general_tuning_asks_each_sentence_with_its_own_corpus_labels(tiny_model_path, monkeypatch):
+    nlp = llm_nlp(tiny_model_path)
+    model = nlp.get_pipe("llm")._model
+    docs = gold(nlp)
+    corpora = {"people": docs[:2], "orgs": [docs[2]]}
+    asked = []
+    original = llm_tuning.tuning_pairs
+
+    def recording(task, examples, rng, settings):
+        asked.extend((example.reference.text, tuple(task.labels)) for example in examples)
+        return original(task, examples, rng, settings)
+
+    monkeypatch.setattr(llm_tuning, "tuning_pairs", recording)
+    settings = TuningSettings(epochs=2, batch_size=2, examples_shown=1)
+    report = tune_llm_general(model, corpora, mix=GeneralMix(size=2, shots=1), settings=settings)
+    assert report.sources == {"people": 1, "orgs": 1} and len(report.losses) == 2
+    assert model.lm.has_adapter
+    # one sentence of each corpus (an equal share), each asked by its own corpus's task, every epoch
+    own = {doc.text: ("LOCATION", "PERSON") for doc in docs[:2]}
+    own[docs[2].text] = ("LOCATION", "ORG")
+    assert len(asked) == 4 and len(set(asked)) == 2 and all(own[text] == labels for text, labels in asked)
+    assert docs[2].text in {text for text, _ in asked}
+    with pytest.raises(ValueError, match="no corpora"):
+        tune_llm_general(model, {})
+    with pytest.raises(ValueError, match="size and shots must be >= 1"):
+        GeneralMix(size=0)
+
+
 def test_bad_input_names_the_fix(tiny_model_path):
     nlp = llm_nlp(tiny_model_path)
     examples = as_examples(nlp, gold(nlp))
@@ -274,6 +342,17 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     )
     assert from_config.exit_code == 0, from_config.output
     assert "Tuned 1 steps on 2 sentences" in from_config.output
+    DocBin(docs=docs[2:]).to_disk(tmp_path / "orgs.spacy")  # a corpus of other labels
+    general = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general"),
+                                       str(tmp_path / "orgs.spacy"), "--size", "1", "--shots", "1"])
+    assert general.exit_code == 0, general.output
+    assert "Tuned the general adapter 1 steps on 1 sentences" in general.output
+    assert adapter_weights(spacy.load(tmp_path / "general"))  # saved with the pipeline
+    further = CliRunner().invoke(app, ["tune-llm", str(tmp_path / "general"), *args[2:4], "--epochs", "1"])
+    assert further.exit_code == 0, further.output
+    leak = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general2"),
+                                    str(tmp_path / "train.spacy"), "--exclude", str(tmp_path / "train.spacy")])
+    assert leak.exit_code == 1 and "is excluded from the mix" in leak.output
     bad = CliRunner().invoke(app, args[:4] + ["--component", "ner"])
     assert bad.exit_code == 1 and "no component 'ner'" in bad.output
     negative = CliRunner().invoke(app, args[:4] + ["--examples-shown", "-2"])

@@ -117,3 +117,20 @@ def test_llm_workflow_tunes_and_evaluates_the_spacy_llm_pipeline(project_dir, ti
 
     tuned = spacy.load(run / "model-tuned")
     assert tuned.get_pipe("llm").task.prompt_examples and tuned.get_pipe("llm")._model.lm.adapter_state()
+
+
+def test_llm_general_workflow_then_tune_llm_from_it(project_dir, tiny_model_path):
+    fixtures = ROOT / "tests" / "fixtures"
+    general = {"general_corpora": f"{fixtures / 'conll2003_sample.txt'} {fixtures / 'music_sample.txt'}",
+               "general_size": 4, "general_epochs": 1, "llm_max_new_tokens": 16}
+    result = run_project(project_dir, tiny_model_path, "llm-general", **general)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Tuned the general adapter 2 steps on 4 sentences" in result.stdout
+    run = project_dir / "training" / "llm-mini-k1-s0"
+    result = run_project(project_dir, tiny_model_path, "tune-llm", llm_epochs=1, llm_max_new_tokens=16,
+                         llm_start="training/llm-mini-k1-s0/model-general")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Tuned " in result.stdout and (run / "model-tuned").exists()
+    excluded = {**general, "general_corpora": f"{project_dir / 'data' / 'mini' / 'train.txt'}"}
+    result = run_project(project_dir, tiny_model_path, "tune-llm-general", **excluded)  # the target would leak
+    assert result.returncode != 0 and "leak" in result.stderr
