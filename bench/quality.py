@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import spacy
 import torch
@@ -340,20 +340,33 @@ def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
         lm.reset_adapter()
 
 
-def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language) -> AdapterState:
-    """Train (once) or load the CoNLL-2003 source adapter for the transfer system."""
-    folder = args.work / f"source-{settings['model_tag']}-n{settings['source_limit']}-e{settings['source_epochs']}"
+def cached_adapter(folder: Path, train: Callable[[], Tuple[AdapterState, Dict[str, Any]]]
+                   ) -> Tuple[AdapterState, Dict[str, Any]]:
+    """Load the adapter saved in `folder` with its training record, or train it once with
+    `train` and save both there (a later run, or another system, then reuses it).
+
+    RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
+    """
     if (folder / "adapter_config.json").exists():
-        return AdapterState.from_disk(folder)
-    docs = read_conll(args.data / "conll2003" / "train.txt", nlp.vocab)
-    docs = [doc for doc in docs if len(doc.ents)][: settings["source_limit"]]
-    labels = sorted(label_counts(docs))
-    print(f"Training the source adapter on {len(docs)} CoNLL-2003 sentences ({labels})", flush=True)
-    info = train_cllmfs(nlp, docs, labels, settings["source_epochs"], settings, None, seed=0)
-    state = nlp.get_pipe("cllmfs_ner").model.adapter_state()
+        return AdapterState.from_disk(folder), json.loads((folder / "training.json").read_text())
+    state, info = train()
     state.to_disk(folder)
     write_json(folder / "training.json", info)
-    return state
+    return state, info
+
+
+def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language) -> AdapterState:
+    """Train (once) or load the CoNLL-2003 source adapter for the transfer system."""
+    def train() -> Tuple[AdapterState, Dict[str, Any]]:
+        docs = read_conll(args.data / "conll2003" / "train.txt", nlp.vocab)
+        docs = [doc for doc in docs if len(doc.ents)][: settings["source_limit"]]
+        labels = sorted(label_counts(docs))
+        print(f"Training the source adapter on {len(docs)} CoNLL-2003 sentences ({labels})", flush=True)
+        info = train_cllmfs(nlp, docs, labels, settings["source_epochs"], settings, None, seed=0)
+        return nlp.get_pipe("cllmfs_ner").model.adapter_state(), info
+
+    folder = args.work / f"source-{settings['model_tag']}-n{settings['source_limit']}-e{settings['source_epochs']}"
+    return cached_adapter(folder, train)[0]
 
 
 class Run(NamedTuple):
@@ -395,28 +408,29 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
 
     RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
     """
+    def train() -> Tuple[AdapterState, Dict[str, Any]]:
+        corpora = dict(general_sources(args.data, target, spacy.blank("en").vocab))
+        lm: HFCausalLM = _PRELOADED["lm"]
+        lm.reset_adapter()
+        print(f"Training the general spacy-llm adapter for {target} on {size} sentences of {list(corpora)}",
+              flush=True)
+        begin = time.time()
+        try:
+            report = tune_llm_general(llm_model(settings), corpora, mix=GeneralMix(size, settings["shots"][0]),
+                                      settings=llm_tuning(settings, seed=0, general=True))
+            state = lm.adapter_state()
+        finally:
+            lm.reset_adapter()
+        return state, {"sentences": sum(report.sources.values()), "per_corpus": report.sources,
+                       "steps": len(report.losses), "first_loss": report.losses[0],
+                       "last_loss": report.losses[-1], "train_s": time.time() - begin,
+                       "examples_shown": settings["llm_general_examples_shown"],
+                       "epochs": settings["llm_general_epochs"]}
+
     grads = "" if settings["llm_tune_prompt_gradients"] else "-nograd"
     folder = args.work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
                           f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}{grads}")
-    if (folder / "adapter_config.json").exists():
-        return AdapterState.from_disk(folder), json.loads((folder / "training.json").read_text())
-    corpora = dict(general_sources(args.data, target, spacy.blank("en").vocab))
-    lm: HFCausalLM = _PRELOADED["lm"]
-    lm.reset_adapter()
-    print(f"Training the general spacy-llm adapter for {target} on {size} sentences of {list(corpora)}", flush=True)
-    begin = time.time()
-    try:
-        report = tune_llm_general(llm_model(settings), corpora, mix=GeneralMix(size, settings["shots"][0]),
-                                  settings=llm_tuning(settings, seed=0, general=True))
-        state = lm.adapter_state()
-    finally:
-        lm.reset_adapter()
-    info = {"sentences": sum(report.sources.values()), "per_corpus": report.sources, "steps": len(report.losses),
-            "first_loss": report.losses[0], "last_loss": report.losses[-1], "train_s": time.time() - begin,
-            "examples_shown": settings["llm_general_examples_shown"], "epochs": settings["llm_general_epochs"]}
-    state.to_disk(folder)
-    write_json(folder / "training.json", info)
-    return state, info
+    return cached_adapter(folder, train)
 
 
 def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language, target: str,
@@ -425,18 +439,16 @@ def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Lan
 
     RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
     """
+    def train() -> Tuple[AdapterState, Dict[str, Any]]:
+        docs = general_docs(args.data, target, size, nlp.vocab)
+        labels = sorted({ent.label_ for doc in docs for ent in doc.ents})
+        print(f"Training the general adapter for {target} on {len(docs)} sentences ({labels})", flush=True)
+        info = train_cllmfs(nlp, docs, labels, settings["general_epochs"], settings, None, seed=0)
+        info.update(sentences=len(docs), labels=labels)
+        return nlp.get_pipe("cllmfs_ner").model.adapter_state(), info
+
     folder = args.work / f"general-{settings['model_tag']}-{target}-n{size}-e{settings['general_epochs']}"
-    if (folder / "adapter_config.json").exists():
-        return AdapterState.from_disk(folder), json.loads((folder / "training.json").read_text())
-    docs = general_docs(args.data, target, size, nlp.vocab)
-    labels = sorted({ent.label_ for doc in docs for ent in doc.ents})
-    print(f"Training the general adapter for {target} on {len(docs)} sentences ({labels})", flush=True)
-    info = train_cllmfs(nlp, docs, labels, settings["general_epochs"], settings, None, seed=0)
-    info.update(sentences=len(docs), labels=labels)
-    state = nlp.get_pipe("cllmfs_ner").model.adapter_state()
-    state.to_disk(folder)
-    write_json(folder / "training.json", info)
-    return state, info
+    return cached_adapter(folder, train)
 
 
 def general_size(settings: Dict[str, Any], system: str) -> Optional[int]:

@@ -39,7 +39,7 @@ from spacy.training import Example
 
 from .batching import common_prefix_length
 from .loop import evaluation_steps
-from .mixing import mix_corpora
+from .mixing import mix_picks
 from .prompts import Prompt
 from .sampling import greedy_k_shot, label_counts
 from .spacy_llm import MODEL_NAME, SpacyLLMModel, ner_v3_pipeline
@@ -269,8 +269,7 @@ def tune_llm(
     if not stream:
         raise ValueError("tune_llm: no training examples.")
     lm = model.lm
-    steps = math.ceil(len(stream) / settings.batch_size) * settings.epochs
-    at = evaluation_steps(steps, evaluations) if dev else set()
+    at = evaluation_steps(_planned_steps(len(stream), settings), evaluations) if dev else set()
     report = TuningReport()
     kept: List[Any] = []
 
@@ -331,7 +330,7 @@ class GeneralMix:
     """The general NER mix `tune_llm_general` trains on first.
 
     size (int): Sentences with entities in the mix, an equal share per corpus
-        (`spacy_cllmfs.mixing.mix_corpora`; the first corpus fills the rest).
+        (`spacy_cllmfs.mixing.mix_picks`; the first corpus fills the rest).
     shots (int): K of each corpus's few-shot examples (balanced K-shot sample).
     seed (int): Seed of the mix and of the shots.
     """
@@ -356,7 +355,7 @@ def tune_llm_general(
     `tune_llm` from: each sentence is asked by a `spacy.NER.v3` task of its own
     corpus (that corpus's labels, K-shot examples drawn from it), so a sentence never
     teaches "no entity" for a label its corpus does not annotate. Leave the target
-    domain's data out, so that nothing of it leaks.
+    domain's data out, so that nothing of it leaks. The corpora's Docs are not changed.
 
     model (SpacyLLMModel): The model (e.g. of the target `llm` component, see
         `llm_model_of`), whose adapter is trained (a fresh one if it has none).
@@ -370,7 +369,7 @@ def tune_llm_general(
     names = list(corpora)
     if not names:
         raise ValueError("tune_llm_general: no corpora. Fix: pass at least one gold corpus of other labels.")
-    chosen = {id(doc) for doc in mix_corpora([corpora[name] for name in names], mix.size, fill=0, seed=mix.seed)}
+    chosen = {id(doc) for _, doc in mix_picks([corpora[name] for name in names], mix.size, fill=0, seed=mix.seed)}
     sources: List[Tuple[Language, List[Example]]] = []
     taken: Dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="cllmfs-general-") as work:
@@ -387,6 +386,11 @@ def tune_llm_general(
     return report
 
 
+def _planned_steps(items: int, settings: TuningSettings) -> int:
+    """How many optimizer steps `_train` takes on a stream of `items` examples."""
+    return math.ceil(items / settings.batch_size) * settings.epochs
+
+
 def _train(
     stream: Sequence[Tuple[Any, SpacyLLMModel, Example]],
     settings: TuningSettings,
@@ -399,7 +403,7 @@ def _train(
     """
     lm = stream[0][1].lm
     rng = random.Random(settings.seed)
-    steps = math.ceil(len(stream) / settings.batch_size) * settings.epochs
+    steps = _planned_steps(len(stream), settings)
     lm.ensure_lora()
     params = lm.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=settings.learn_rate, weight_decay=0.0)

@@ -239,7 +239,9 @@ def test_general_tuning_asks_each_sentence_with_its_own_corpus_labels(tiny_model
 
     monkeypatch.setattr(llm_tuning, "tuning_pairs", recording)
     settings = TuningSettings(epochs=2, batch_size=2, examples_shown=1)
+    before = [doc.to_bytes() for doc in docs]
     report = tune_llm_general(model, corpora, mix=GeneralMix(size=2, shots=1), settings=settings)
+    assert [doc.to_bytes() for doc in docs] == before  # the caller's corpora are left as they were
     assert report.sources == {"people": 1, "orgs": 1} and len(report.losses) == 2
     assert model.lm.has_adapter
     # one sentence of each corpus (an equal share), each asked by its own corpus's task, every epoch

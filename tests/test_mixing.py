@@ -3,7 +3,7 @@ from spacy.vocab import Vocab
 
 from spacy_cllmfs.corpora import make_doc
 from spacy_cllmfs.labels import annotated_labels
-from spacy_cllmfs.mixing import mix_corpora
+from spacy_cllmfs.mixing import mix_corpora, mix_picks
 
 
 def corpus(vocab, name, labels, n):
@@ -28,9 +28,24 @@ def test_mix_shares_fills_and_declares_labels():
     assert names != sorted(names)  # shuffled, not one corpus after the other
 
 
+def test_mix_picks_leave_the_docs_unchanged():
+    vocab = Vocab()
+    corpora = [corpus(vocab, "g", ["PER", "LOC"], 6), corpus(vocab, "m", ["band"], 4)]
+    before = [[doc.to_bytes() for doc in docs] for docs in corpora]
+    picks = mix_picks(corpora, 6, fill=0, seed=1)
+    assert [[doc.to_bytes() for doc in docs] for docs in corpora] == before
+    assert all(doc in corpora[index] for index, doc in picks)
+    assert sorted(index for index, _ in picks) == [0, 0, 0, 1, 1, 1]
+    # mix_corpora takes the same sentences in the same order, and only it declares labels
+    assert [doc.text for doc in mix_corpora(corpora, 6, fill=0, seed=1)] == [doc.text for _, doc in picks]
+    assert [[doc.to_bytes() for doc in docs] for docs in corpora] != before
+
+
 def test_mix_errors_name_the_fix():
     vocab = Vocab()
     with pytest.raises(ValueError, match="size of at least 1"):
         mix_corpora([corpus(vocab, "g", ["PER"], 3)], 0)
     with pytest.raises(ValueError, match="index from 0 to 0"):
         mix_corpora([corpus(vocab, "g", ["PER"], 3)], 2, fill=1)
+    with pytest.raises(ValueError, match="size of at least 1"):
+        mix_picks([corpus(vocab, "g", ["PER"], 3)], 0)
