@@ -49,8 +49,7 @@ def mix_corpora(corpora: Sequence[Sequence[Doc]], size: int, *, fill: int = 0, s
     RETURNS (List[Doc]): The mix, shuffled.
     """
     picks = mix_picks(corpora, size, fill=fill, seed=seed)
-    labels = {index: sorted(label_counts([doc for doc in corpora[index] if len(doc.ents)]))
-              for index in {i for i, _ in picks}}
+    labels = {index: sorted(label_counts(corpora[index])) for index in {i for i, _ in picks}}
     for index, doc in picks:
         set_annotated_labels(doc, labels[index])
     return [doc for _, doc in picks]
