@@ -15,7 +15,8 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
   spacy_llm_general  spacy_llm_lora starting from a general adapter: LoRA first tuned on
                    `llm_general_size` sentences of the general mix (as cllmfs_general's), each
                    asked by a NER.v3 task of its own corpus, `llm_general_examples_shown` of
-                   that corpus's K-shot examples per prompt (trained once, reused)
+                   that corpus's K-shot examples per prompt, at `llm_general_learn_rate`
+                   (trained once, reused), then on the shots at `llm_tune_learn_rate`
   cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
   cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
   cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
@@ -127,6 +128,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
         "llm_general_size": 100, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
+        "llm_general_learn_rate": 3e-4,
     },
     # the real-model CPU matrix: Qwen2.5-Coder-1.5B-Instruct (bench/get_model.py), K=5 on the
     # four domains and K=20 on politics, 100 test sentences
@@ -141,6 +143,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
         "llm_general_size": 250, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
+        "llm_general_learn_rate": 3e-4,
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
     "gpu": {
@@ -154,6 +157,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
         "llm_general_size": 2000, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
+        "llm_general_learn_rate": 3e-4,
     },
 }
 _PRELOADED: Dict[str, Any] = {}
@@ -310,7 +314,7 @@ def llm_model(settings: Dict[str, Any]) -> SpacyLLMModel:
 def llm_tuning(settings: Dict[str, Any], seed: int, general: bool = False) -> TuningSettings:
     """How tune_llm trains on the shots (or, with `general`, on a general mix)."""
     prefix = "llm_general" if general else "llm_tune"
-    return TuningSettings(epochs=settings[f"{prefix}_epochs"], learn_rate=settings["llm_tune_learn_rate"],
+    return TuningSettings(epochs=settings[f"{prefix}_epochs"], learn_rate=settings[f"{prefix}_learn_rate"],
                           examples_shown=settings[f"{prefix}_examples_shown"],
                           prompt_gradients=settings["llm_tune_prompt_gradients"], seed=seed)
 
@@ -427,10 +431,16 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
                        "examples_shown": settings["llm_general_examples_shown"],
                        "epochs": settings["llm_general_epochs"]}
 
+    return cached_adapter(general_llm_folder(args.work, settings, target, size), train)
+
+
+def general_llm_folder(work: Path, settings: Dict[str, Any], target: str, size: int) -> Path:
+    """Where `general_llm_adapter` keeps a general adapter: the name holds every setting that
+    changes it, so a run with other settings trains its own instead of reusing this one."""
     grads = "" if settings["llm_tune_prompt_gradients"] else "-nograd"
-    folder = args.work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
-                          f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}{grads}")
-    return cached_adapter(folder, train)
+    return work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
+                   f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}"
+                   f"-k{settings['shots'][0]}-lr{settings['llm_general_learn_rate']:g}{grads}")
 
 
 def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language, target: str,

@@ -161,3 +161,18 @@ def test_relative_paths_rewrites_only_absolute_paths():
     )
     # a relative path that contains the parent's path is not an absolute path under it
     assert relative_paths("--model x/home/ci/work/m.gguf", parent) == "--model x/home/ci/work/m.gguf"
+
+
+def test_general_llm_stages_have_their_own_learn_rates_and_cache_folders(tmp_path):
+    settings = dict(quality.PROFILES["cpu-real"], model_tag="m", dtype="bfloat16", shots=[5],
+                    llm_tune_learn_rate=1e-4)
+    assert quality.llm_tuning(settings, seed=0).learn_rate == 1e-4  # the shot stage
+    assert quality.llm_tuning(settings, seed=0, general=True).learn_rate == 3e-4  # the general stage
+    folder = quality.general_llm_folder(tmp_path, settings, "music", 250)
+    # the shot stage's rate does not change the general adapter: it is reused
+    assert quality.general_llm_folder(tmp_path, dict(settings, llm_tune_learn_rate=3e-4), "music", 250) == folder
+    # what changes the general adapter changes its folder: it is trained anew, never mixed up
+    others = [dict(settings, llm_general_learn_rate=1e-4), dict(settings, shots=[20]),
+              dict(settings, llm_general_examples_shown=3), dict(settings, dtype="float32")]
+    names = {quality.general_llm_folder(tmp_path, other, "music", 250) for other in others}
+    assert folder not in names and len(names) == len(others)
