@@ -42,7 +42,9 @@ run all` does with `spacy train` and `spacy_cllmfs calibrate`.
 The base model is loaded once per process and each run gets a fresh adapter. Results
 are written after every run, keyed by system/domain/K/seed, and runs already in the
 output file are skipped: an interrupted matrix continues where it stopped. A results
-file holds one set of settings: continuing it with other settings is refused.
+file holds one set of settings: continuing it with other settings is refused. Adapters
+trained once and reused (source, general) are kept under `--work` with their recipe (the
+settings that trained them, `recipe.json`); one kept with another recipe is refused too.
 """
 import argparse
 import json
@@ -55,6 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -344,19 +347,43 @@ def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
         lm.reset_adapter()
 
 
-def cached_adapter(folder: Path, train: Callable[[], Tuple[AdapterState, Dict[str, Any]]]
+def adapter_recipe(settings: Dict[str, Any], **parts: Any) -> Dict[str, Any]:
+    """What a cached adapter is trained from: the base model, its dtype and `parts`
+    (the data, the schedule, the component's training and prompt blocks...), as JSON."""
+    recipe = {"model": settings["model_tag"], "dtype": settings["dtype"], **parts}
+    return json.loads(json.dumps(recipe, sort_keys=True, default=str))
+
+
+def cached_adapter(folder: Path, recipe: Dict[str, Any], train: Callable[[], Tuple[AdapterState, Dict[str, Any]]]
                    ) -> Tuple[AdapterState, Dict[str, Any]]:
     """Load the adapter saved in `folder` with its training record, or train it once with
-    `train` and save both there (a later run, or another system, then reuses it).
+    `train` and save both there with its recipe (a later run, or another system, then
+    reuses it). An adapter saved with another recipe is refused, never reused or overwritten.
 
     RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
     """
     if (folder / "adapter_config.json").exists():
+        saved = json.loads((folder / "recipe.json").read_text()) if (folder / "recipe.json").exists() else None
+        if saved != recipe:
+            differ = sorted(k for k in set(recipe) | set(saved or {}) if (saved or {}).get(k) != recipe.get(k))
+            raise ValueError(
+                f"{folder} holds an adapter trained from another recipe "
+                f"({'no recipe.json' if saved is None else 'differs in ' + ', '.join(differ)}), so it "
+                "cannot stand for this run's. Fix: move that folder out of the way, or use another --work.")
         return AdapterState.from_disk(folder), json.loads((folder / "training.json").read_text())
     state, info = train()
     state.to_disk(folder)
     write_json(folder / "training.json", info)
+    write_json(folder / "recipe.json", recipe)
     return state, info
+
+
+def cllmfs_recipe(settings: Dict[str, Any], nlp: Language, **parts: Any) -> Dict[str, Any]:
+    """The recipe of a cllmfs adapter trained by `train_cllmfs` on `nlp`: its schedule and
+    its component's training and prompt blocks, with `parts` (the data, the epochs)."""
+    component = nlp.config["components"]["cllmfs_ner"]
+    return adapter_recipe(settings, batch_size=settings["batch_size"], learn_rate=settings["learn_rate"],
+                          training=component["training"], prompt=component["prompt"], **parts)
 
 
 def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language) -> AdapterState:
@@ -369,8 +396,10 @@ def source_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Lang
         info = train_cllmfs(nlp, docs, labels, settings["source_epochs"], settings, None, seed=0)
         return nlp.get_pipe("cllmfs_ner").model.adapter_state(), info
 
+    recipe = cllmfs_recipe(settings, nlp, data="conll2003", size=settings["source_limit"],
+                           epochs=settings["source_epochs"])
     folder = args.work / f"source-{settings['model_tag']}-n{settings['source_limit']}-e{settings['source_epochs']}"
-    return cached_adapter(folder, train)[0]
+    return cached_adapter(folder, recipe, train)[0]
 
 
 class Run(NamedTuple):
@@ -431,12 +460,21 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
                        "examples_shown": settings["llm_general_examples_shown"],
                        "epochs": settings["llm_general_epochs"]}
 
-    return cached_adapter(general_llm_folder(args.work, settings, target, size), train)
+    recipe = general_llm_recipe(settings, target, size)
+    return cached_adapter(general_llm_folder(args.work, settings, target, size), recipe, train)
+
+
+def general_llm_recipe(settings: Dict[str, Any], target: str, size: int) -> Dict[str, Any]:
+    """The recipe of `general_llm_adapter`: the mix and the general stage's schedule (the
+    shot stage's settings do not change it)."""
+    mix = GeneralMix(size, settings["shots"][0])
+    return adapter_recipe(settings, target=target, mix=asdict(mix),
+                          tuning=asdict(llm_tuning(settings, seed=0, general=True)))
 
 
 def general_llm_folder(work: Path, settings: Dict[str, Any], target: str, size: int) -> Path:
-    """Where `general_llm_adapter` keeps a general adapter: the name holds every setting that
-    changes it, so a run with other settings trains its own instead of reusing this one."""
+    """Where `general_llm_adapter` keeps a general adapter: the name holds the settings that
+    change it, so a run with other settings trains its own instead of being refused."""
     grads = "" if settings["llm_tune_prompt_gradients"] else "-nograd"
     return work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
                    f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}"
@@ -457,8 +495,9 @@ def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Lan
         info.update(sentences=len(docs), labels=labels)
         return nlp.get_pipe("cllmfs_ner").model.adapter_state(), info
 
+    recipe = cllmfs_recipe(settings, nlp, target=target, size=size, epochs=settings["general_epochs"])
     folder = args.work / f"general-{settings['model_tag']}-{target}-n{size}-e{settings['general_epochs']}"
-    return cached_adapter(folder, train)
+    return cached_adapter(folder, recipe, train)
 
 
 def general_size(settings: Dict[str, Any], system: str) -> Optional[int]:

@@ -4,6 +4,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+import spacy
+import torch
+
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -176,3 +180,59 @@ def test_general_llm_stages_have_their_own_learn_rates_and_cache_folders(tmp_pat
               dict(settings, llm_general_examples_shown=3), dict(settings, dtype="float32")]
     names = {quality.general_llm_folder(tmp_path, other, "music", 250) for other in others}
     assert folder not in names and len(names) == len(others)
+
+
+def tiny_adapter(value: float) -> "quality.AdapterState":
+    weights = {"base_model.model.layer.q_proj.lora_A.weight": torch.full((2, 4), value),
+               "base_model.model.layer.q_proj.lora_B.weight": torch.zeros(4, 2)}
+    return quality.AdapterState(config={"peft_type": "LORA", "r": 2}, weights=weights)
+
+
+def test_cached_adapter_trains_once_and_never_reuses_another_recipe(tmp_path):
+    calls = []
+
+    def train():
+        calls.append(1)
+        return tiny_adapter(float(len(calls))), {"steps": 3}
+
+    recipe = quality.adapter_recipe({"model_tag": "m", "dtype": "bfloat16"}, learn_rate=3e-4, mix=(1, 2))
+    assert recipe["mix"] == [1, 2]  # as JSON, so that it compares equal to the saved one
+    folder = tmp_path / "general-m-music-n250"
+    state, info = quality.cached_adapter(folder, recipe, train)
+    again, info_again = quality.cached_adapter(folder, recipe, train)  # loaded, not trained
+    assert len(calls) == 1 and info == info_again == {"steps": 3}
+    assert torch.equal(again.weights["base_model.model.layer.q_proj.lora_A.weight"], torch.ones(2, 4))
+    other = dict(recipe, learn_rate=1e-4)
+    with pytest.raises(ValueError, match="another recipe .differs in learn_rate.*Fix: move"):
+        quality.cached_adapter(folder, other, train)  # a folder that holds another recipe's adapter
+    (folder / "recipe.json").unlink()  # an adapter cached before recipes were saved
+    with pytest.raises(ValueError, match="no recipe.json"):
+        quality.cached_adapter(folder, recipe, train)
+    assert len(calls) == 1 and (folder / "adapter_config.json").exists()  # nothing retrained or overwritten
+
+
+def test_adapter_recipes_hold_what_trains_the_adapter_and_nothing_else(tiny_nlp, tiny_model_config):
+    settings = dict(quality.PROFILES["cpu-real"], model_tag="m", dtype="bfloat16", shots=[5])
+
+    def recipe(settings, nlp=tiny_nlp):
+        return quality.cllmfs_recipe(settings, nlp, target="music", size=250, epochs=settings["general_epochs"])
+
+    base = recipe(settings)
+    assert base["training"]["@misc"] == "spacy_cllmfs.training.v2" and base["learn_rate"] == 3e-4
+    # what only the evaluation or the shot stage uses does not change the general adapter
+    assert recipe(dict(settings, dev_evals=5, test_limit=10, epochs=9)) == base
+    contrastive = spacy.blank("en")
+    contrastive.add_pipe("cllmfs_ner", config={
+        "model": tiny_model_config, "labels": ["person", "location"], "max_new_tokens": 24,
+        "training": {"@misc": "spacy_cllmfs.training.v2", "contrastive_weight": 0.5}})
+    others = [recipe(dict(settings, learn_rate=1e-4)), recipe(dict(settings, batch_size=8)),
+              recipe(dict(settings, general_epochs=2)), recipe(dict(settings, dtype="float32")),
+              recipe(settings, contrastive)]
+    assert all(other != base for other in others)
+    assert len({json.dumps(other, sort_keys=True) for other in others}) == len(others)
+    llm = quality.general_llm_recipe(settings, "music", 250)  # the spacy-llm path's general stage
+    assert llm["tuning"]["learn_rate"] == 3e-4 and llm["mix"] == {"size": 250, "shots": 5, "seed": 0}
+    assert quality.general_llm_recipe(dict(settings, llm_tune_learn_rate=1e-4, llm_tune_epochs=8), "music", 250) == llm
+    for changed in (dict(settings, llm_general_learn_rate=1e-4), dict(settings, llm_general_examples_shown=3),
+                    dict(settings, shots=[20]), dict(settings, llm_tune_prompt_gradients=False)):
+        assert quality.general_llm_recipe(changed, "music", 250) != llm
