@@ -441,7 +441,9 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
 
     RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
     """
-    def train() -> Tuple[AdapterState, Dict[str, Any]]:
+    recipe = general_llm_recipe(settings, target, size)
+
+    def train() -> Tuple[AdapterState, Dict[str, Any]]:  # trained from the recipe it is saved with
         corpora = dict(general_sources(args.data, target, spacy.blank("en").vocab))
         lm: HFCausalLM = _PRELOADED["lm"]
         lm.reset_adapter()
@@ -449,8 +451,8 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
               flush=True)
         begin = time.time()
         try:
-            report = tune_llm_general(llm_model(settings), corpora, mix=GeneralMix(size, settings["shots"][0]),
-                                      settings=llm_tuning(settings, seed=0, general=True))
+            report = tune_llm_general(llm_model(settings), corpora, mix=GeneralMix(**recipe["mix"]),
+                                      settings=TuningSettings(**recipe["tuning"]))
             state = lm.adapter_state()
         finally:
             lm.reset_adapter()
@@ -460,7 +462,6 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
                        "examples_shown": settings["llm_general_examples_shown"],
                        "epochs": settings["llm_general_epochs"]}
 
-    recipe = general_llm_recipe(settings, target, size)
     return cached_adapter(general_llm_folder(args.work, settings, target, size), recipe, train)
 
 
