@@ -459,8 +459,8 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
         return state, {"sentences": sum(report.sources.values()), "per_corpus": report.sources,
                        "steps": len(report.losses), "first_loss": report.losses[0],
                        "last_loss": report.losses[-1], "train_s": time.time() - begin,
-                       "examples_shown": settings["llm_general_examples_shown"],
-                       "epochs": settings["llm_general_epochs"]}
+                       "examples_shown": recipe["tuning"]["examples_shown"],
+                       "epochs": recipe["tuning"]["epochs"]}
 
     return cached_adapter(general_llm_folder(args.work, settings, target, size), recipe, train)
 
