@@ -75,6 +75,7 @@ from spacy_cllmfs.adapters import AdapterState  # noqa: E402
 from spacy_cllmfs.corpora import read_conll  # noqa: E402
 from spacy_cllmfs.llm_tuning import GeneralMix, TuningSettings, tune_llm, tune_llm_general  # noqa: E402
 from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated  # noqa: E402
+from spacy_cllmfs.memory import peak_resident_bytes, release_memory, resident_bytes  # noqa: E402
 from spacy_cllmfs.mixing import mix_corpora  # noqa: E402
 from spacy_cllmfs.models import HFCausalLM, cpu_bf16_support  # noqa: E402
 from spacy_cllmfs.sampling import greedy_k_shot, label_counts  # noqa: E402
@@ -633,7 +634,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             shots_of[(domain_name, k, seed)] = domain.shots(k, seed)
         shots = shots_of[(domain_name, k, seed)]
         print(f"== {key}: {len(shots)} training sentences, {len(domain.test)} test", flush=True)
-        begin, load = time.time(), load_averages()
+        release_memory()  # what the previous run freed goes back to the OS before this one
+        begin, load, resident = time.time(), load_averages(), resident_bytes()
         if system == "spacy_ner":
             result = run_spacy_ner(shots, domain, settings, seed)
         elif system in ("spacy_llm", "spacy_llm_lora"):
@@ -663,6 +665,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "train_sentences": len(shots), "test_sentences": len(domain.test),
             "wall_s": time.time() - begin, "model": settings["model"],
             "load_average_at_start": load, "load_average_at_end": load_averages(), "machine": here,
+            "resident_gb_at_start": None if resident is None else round(resident / 2**30, 2),
+            "process_peak_resident_gb": round(peak_resident_bytes() / 2**30, 2),
             **({} if size is None else {"general_sentences": size}),
         }
         print(f"   ents_f={result['ents_f']:.4f} train {result['train_s']:.0f}s infer "

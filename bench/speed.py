@@ -36,9 +36,7 @@ Example:
         --output bench/results/speed-cpu-smollm2-politics.json
 """
 import argparse
-import ctypes
 import datetime
-import gc
 import json
 import os
 import platform
@@ -58,6 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.machine import cpu_model, load_averages  # noqa: E402
+from spacy_cllmfs.memory import peak_resident_bytes, release_memory  # noqa: E402
 
 PIPE_SYSTEMS: Dict[str, Dict[str, Any]] = {
     "cllmfs_pipe": {"shared_prefix": False, "refill": False, "prompt": "spacy_cllmfs.prompt.v1"},
@@ -228,16 +227,6 @@ def count_forwards(model: Any) -> Iterator[ForwardCount]:
         handle.remove()
 
 
-def _release_free_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc only), so
-    that an RSS baseline does not hide reusable memory kept by the allocator."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Peak memory of one measured block, as a delta over the memory before it.
 
@@ -275,9 +264,7 @@ class PeakMemory:
     def _rss(self) -> int:
         if self._process is not None:
             return int(self._process.memory_info().rss)
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return peak_resident_bytes()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -285,7 +272,7 @@ class PeakMemory:
             self._stop.wait(MEMORY_SAMPLE_S)
 
     def __enter__(self) -> "PeakMemory":
-        _release_free_memory()
+        release_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

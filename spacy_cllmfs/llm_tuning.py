@@ -39,6 +39,7 @@ from spacy.training import Example
 
 from .batching import common_prefix_length
 from .loop import evaluation_steps
+from .memory import release_memory
 from .mixing import mix_picks
 from .prompts import Prompt
 from .sampling import greedy_k_shot, label_counts
@@ -444,6 +445,8 @@ def _train(
             losses.append(totals["loss"])
             logger.info("tune_llm: step %d/%d loss %.4f", len(losses), steps, totals["loss"])
             after_step(len(losses))
+    del optimizer, schedule  # the moments go before the freed heap is handed back
+    release_memory()
     return losses
 
 

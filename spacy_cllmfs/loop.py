@@ -18,6 +18,8 @@ from spacy.util import minibatch
 from thinc.api import Adam, warmup_linear
 from tqdm import tqdm
 
+from .memory import release_memory
+
 
 def fit(
     nlp: Language,
@@ -64,6 +66,8 @@ def fit(
             if len(history) == steps:
                 break
     bar.close()
+    del optimizer  # its moments go before the freed heap is handed back
+    release_memory()
     return history
 
 

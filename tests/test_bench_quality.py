@@ -52,6 +52,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     for run in results["runs"].values():
         assert 0.0 <= run["ents_f"] <= 1.0 and run["infer_s"] > 0 and run["train_sentences"] > 0
         assert len(run["load_average_at_start"]) == 3 and len(run["load_average_at_end"]) == 3
+        assert 0 < run["resident_gb_at_start"] <= run["process_peak_resident_gb"]
     assert results["settings"]["model"] == str(tiny_model_path) and results["machine"]["cpus"]
     assert list((tmp_path / "work").glob("source-*/adapter_config.json"))
     general = results["runs"]["cllmfs_general|politics|k1|s0|n6"]

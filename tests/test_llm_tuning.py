@@ -190,6 +190,21 @@ def test_dev_selection_keeps_the_best_adapter(tiny_model_path, monkeypatch):
     assert all(torch.equal(kept.weights[name], now.weights[name]) for name in kept.weights)
 
 
+def test_training_hands_freed_memory_back_once_it_ends(tiny_model_path, monkeypatch):
+    nlp = llm_nlp(tiny_model_path, max_new_tokens=4)
+    events = []
+    step = llm_tuning.accumulate
+
+    def counted_step(*args, **kwargs):
+        events.append("step")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(llm_tuning, "accumulate", counted_step)
+    monkeypatch.setattr(llm_tuning, "release_memory", lambda: events.append("release"))
+    tune_llm(nlp, as_examples(nlp, gold(nlp)[:2]), settings=TuningSettings(epochs=1, batch_size=1, warmup_steps=0))
+    assert events == ["step", "step", "release"]
+
+
 def pipeline_on(lm, labels: List[str]) -> spacy.Language:
     """An `llm` pipeline with its own labels, served by the model `lm` of another one."""
     model = SpacyLLMModel(lm, max_new_tokens=120, batch_size=4)

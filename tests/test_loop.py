@@ -3,6 +3,7 @@ import spacy
 import torch
 from spacy.tokens import Doc, Span
 
+from spacy_cllmfs import loop
 from spacy_cllmfs.loop import as_examples, fit, fit_select
 
 GOLD = [
@@ -78,3 +79,14 @@ def test_fit_reports_each_step(tiny_model_config):
     steps = []
     fit(nlp, examples, steps=3, batch_size=2, on_step=steps.append)
     assert steps == [1, 2, 3]
+
+
+def test_fit_hands_freed_memory_back_once_it_ends(tiny_model_config, monkeypatch):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config})
+    examples = as_examples(nlp, gold_docs(nlp))
+    nlp.initialize(lambda: examples)
+    events = []
+    monkeypatch.setattr(loop, "release_memory", lambda: events.append("release"))
+    fit(nlp, examples, steps=2, batch_size=2, on_step=events.append)
+    assert events == [1, 2, "release"]
