@@ -17,6 +17,9 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
                    asked by a NER.v3 task of its own corpus, `llm_general_examples_shown` of
                    that corpus's K-shot examples per prompt, at `llm_general_learn_rate`
                    (trained once, reused), then on the shots at `llm_tune_learn_rate`
+                   (the spacy_llm* systems write their label descriptions as
+                   `llm_label_definitions` says: "plain", or "contrasted" with the set's
+                   other labels, `spacy_cllmfs.labels.label_definitions`)
   cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
   cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
   cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
@@ -132,7 +135,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
         "llm_general_size": 100, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
-        "llm_general_learn_rate": 3e-4,
+        "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
     # the real-model CPU matrix: Qwen2.5-Coder-1.5B-Instruct (bench/get_model.py), K=5 on the
     # four domains and K=20 on politics, 100 test sentences
@@ -147,7 +150,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
         "llm_general_size": 250, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
-        "llm_general_learn_rate": 3e-4,
+        "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
     # the GPU matrix: K=5 and 20, seed 0 everywhere plus seeds 1, 2 on politics, 300 test sentences
     "gpu": {
@@ -161,7 +164,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True,
         "llm_general_size": 2000, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
-        "llm_general_learn_rate": 3e-4,
+        "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
 }
 _PRELOADED: Dict[str, Any] = {}
@@ -332,7 +335,8 @@ def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any]
     lm.reset_adapter(start)
     work = Path(tempfile.mkdtemp(prefix="bench-spacy-llm-"))
     try:
-        nlp, n_examples = ner_v3_pipeline(llm_model(settings), domain.labels, shots, work / "examples.json")
+        nlp, n_examples = ner_v3_pipeline(llm_model(settings), domain.labels, shots, work / "examples.json",
+                                          settings["llm_label_definitions"])
         info: Dict[str, Any] = {"train_s": 0.0, "prompt_examples": n_examples}
         if tune:
             begin = time.time()
@@ -453,7 +457,8 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
         begin = time.time()
         try:
             report = tune_llm_general(llm_model(settings), corpora, mix=GeneralMix(**recipe["mix"]),
-                                      settings=TuningSettings(**recipe["tuning"]))
+                                      settings=TuningSettings(**recipe["tuning"]),
+                                      definitions=recipe.get("definitions", "plain"))
             state = lm.adapter_state()
         finally:
             lm.reset_adapter()
@@ -467,20 +472,23 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
 
 
 def general_llm_recipe(settings: Dict[str, Any], target: str, size: int) -> Dict[str, Any]:
-    """The recipe of `general_llm_adapter`: the mix and the general stage's schedule (the
-    shot stage's settings do not change it)."""
+    """The recipe of `general_llm_adapter`: the mix, the general stage's schedule and, when
+    not "plain", how its label descriptions are written (the shot stage's settings do not
+    change it)."""
     mix = GeneralMix(size, settings["shots"][0])
+    styled = {} if settings["llm_label_definitions"] == "plain" else {"definitions": settings["llm_label_definitions"]}
     return adapter_recipe(settings, target=target, mix=asdict(mix),
-                          tuning=asdict(llm_tuning(settings, seed=0, general=True)))
+                          tuning=asdict(llm_tuning(settings, seed=0, general=True)), **styled)
 
 
 def general_llm_folder(work: Path, settings: Dict[str, Any], target: str, size: int) -> Path:
     """Where `general_llm_adapter` keeps a general adapter: the name holds the settings that
     change it, so a run with other settings trains its own instead of being refused."""
     grads = "" if settings["llm_tune_prompt_gradients"] else "-nograd"
+    styled = "" if settings["llm_label_definitions"] == "plain" else f"-{settings['llm_label_definitions']}"
     return work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
                    f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}"
-                   f"-k{settings['shots'][0]}-lr{settings['llm_general_learn_rate']:g}{grads}")
+                   f"-k{settings['shots'][0]}-lr{settings['llm_general_learn_rate']:g}{grads}{styled}")
 
 
 def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language, target: str,

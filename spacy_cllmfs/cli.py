@@ -9,6 +9,7 @@ from spacy.tokens import DocBin
 from spacy.vocab import Vocab
 
 from .corpora import FORMATS, convert as convert_corpus, load_docbin, read_docs
+from .labels import check_definition_style
 from .mixing import mix_corpora
 from .sampling import greedy_k_shot, label_counts
 
@@ -194,6 +195,10 @@ def llm_config_cli(
     ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="The most tokens of one answer."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
+    definitions: str = typer.Option(
+        "plain", "--definitions",
+        help="How label descriptions are written: plain, or contrasted (told apart from the set's other labels).",
+    ),
 ) -> None:
     """Write a spacy-llm pipeline config (spacy.NER.v3 served by spacy_cllmfs.SpacyLLMModel.v1)
     whose labels and few-shot examples are those of a gold .spacy set."""
@@ -202,6 +207,7 @@ def llm_config_cli(
     from .spacy_llm import MODEL_NAME, ner_v3_task, write_ner_v3_examples
 
     with _report_errors():
+        check_definition_style(definitions)
         docs = load_docbin(train_path, Vocab())
         labels = sorted(label_counts(docs))
         if not labels:
@@ -210,7 +216,7 @@ def llm_config_cli(
         n_examples = write_ner_v3_examples(docs, labels, examples)
         nlp = spacy.blank("en")
         nlp.add_pipe("llm", config={
-            "task": ner_v3_task(labels, examples),
+            "task": ner_v3_task(labels, examples, definitions),
             "model": {"@llm_models": MODEL_NAME, "name": model, "device": device, "dtype": dtype,
                       "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         })
@@ -287,6 +293,9 @@ def tune_llm_general_cli(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the mix, the shots and the order."),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
+    definitions: str = typer.Option(
+        "plain", "--definitions", help="How the mix's label descriptions are written: as the pipeline's (llm-config)."
+    ),
 ) -> None:
     """Tune the LoRA adapter of a spacy-llm `llm` component on a general NER mix of other
     corpora (each sentence asked by a spacy.NER.v3 task of its own corpus's labels and
@@ -295,13 +304,14 @@ def tune_llm_general_cli(
     from .spacy_llm import embed_in_pipeline
 
     with _report_errors():
+        check_definition_style(definitions)
         _check_excluded(corpora, exclude)
         nlp = _load_llm_pipeline(pipeline, component, gpu_id)
         settings = TuningSettings(epochs=epochs, batch_size=batch_size, learn_rate=learn_rate,
                                   examples_shown=examples_shown, prompt_gradients=prompt_gradients, seed=seed)
         docs = {str(path): _load_corpus(path, nlp.vocab) for path in corpora}
         report = tune_llm_general(llm_model_of(nlp, component)[1], docs, mix=GeneralMix(size, shots, seed),
-                                  settings=settings)
+                                  settings=settings, definitions=definitions)
         embed_in_pipeline(nlp, component)
         save_pipeline(nlp, output_path, ".tuning")
     taken = ", ".join(f"{path} {n}" for path, n in report.sources.items())

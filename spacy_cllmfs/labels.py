@@ -72,6 +72,22 @@ KNOWN_LABELS: Dict[str, Tuple[str, str]] = {
 }
 
 
+# a broad type -> the narrower types that schemes such as CrossNER annotate apart from it
+# (a politician is never also tagged person); keys and values are normalized labels
+NARROWER: Dict[str, Tuple[str, ...]] = {
+    "person": ("politician", "scientist", "musicalartist", "writer"),
+    "location": ("country", "gpe", "fac"),
+    "organisation": ("politicalparty", "university", "band"),
+    "event": ("election",),
+}
+NARROWER.update(per=NARROWER["person"], loc=NARROWER["location"], org=NARROWER["organisation"],
+                organization=NARROWER["organisation"])
+# types annotated only where no other type of the set applies
+CATCH_ALL = ("misc", "miscellaneous", "other")
+# how a set's descriptions are written (`label_definitions`)
+DEFINITION_STYLES = ("plain", "contrasted")
+
+
 @dataclass(frozen=True)
 class LabelInfo:
     """One entity label: the spaCy label, the name the prompt uses, and its description."""
@@ -101,6 +117,48 @@ def default_description(label: str) -> str:
     if known:
         return known[1]
     return f"named entities of the type {default_name(label)}"
+
+
+def label_definitions(labels: Iterable[str], style: str = "plain") -> Dict[str, str]:
+    """The default description of each label of a set. "plain": each label on its own
+    (`default_description`). "contrasted": told apart from the other labels of the set,
+    as schemes such as CrossNER annotate them: a broad type excludes the narrower types
+    present, named as the set names them ("person": "..., except those tagged
+    politician" when "politician" is a label), and a catch-all type ("misc") is
+    what fits none of the other labels.
+
+    labels (Iterable[str]): The label set.
+    style (str): "plain" or "contrasted".
+    RETURNS (Dict[str, str]): The description of each label.
+    RAISES (ValueError): On an unknown style.
+    """
+    check_definition_style(style)
+    labels = validate_labels(labels)
+    definitions = {label: default_description(label) for label in labels}
+    if style == "plain":
+        return definitions
+    present = {normalize_label(label): label for label in labels}
+    for label in labels:
+        key = normalize_label(label)
+        if key in CATCH_ALL and len(labels) > 1:
+            definitions[label] = "named entities that fit none of the other labels"
+            continue
+        narrower = [present[n] for n in NARROWER.get(key, ()) if n in present]
+        if narrower:
+            definitions[label] = f"{definitions[label]}, except those tagged {' or '.join(narrower)}"
+    return definitions
+
+
+def check_definition_style(style: str) -> str:
+    """Check a `label_definitions` style early, before a model is loaded.
+
+    style (str): The style.
+    RETURNS (str): The style.
+    RAISES (ValueError): When it is not one of `DEFINITION_STYLES`.
+    """
+    if style not in DEFINITION_STYLES:
+        raise ValueError(f"Unknown label definition style {style!r}. Fix: use one of {list(DEFINITION_STYLES)}.")
+    return style
 
 
 def validate_labels(labels: Iterable[str]) -> List[str]:

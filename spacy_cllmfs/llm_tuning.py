@@ -38,6 +38,7 @@ from spacy.tokens import Doc
 from spacy.training import Example
 
 from .batching import common_prefix_length
+from .labels import check_definition_style
 from .loop import evaluation_steps
 from .memory import release_memory
 from .mixing import mix_picks
@@ -275,6 +276,7 @@ def tune_llm(
     kept: List[Any] = []
 
     def evaluate(step: int) -> None:
+        release_memory()  # decoding the dev set must not stack on the heap training left behind
         value = nlp.evaluate(list(dev)).get(score) or 0.0
         report.dev_scores[step] = value
         logger.info("tune_llm: dev %s %.4f at step %d", score, value, step)
@@ -351,6 +353,7 @@ def tune_llm_general(
     *,
     mix: Optional[GeneralMix] = None,
     settings: Optional[TuningSettings] = None,
+    definitions: str = "plain",
 ) -> TuningReport:
     """Train the adapter of `model` on a general NER mix, to start the few-shot
     `tune_llm` from: each sentence is asked by a `spacy.NER.v3` task of its own
@@ -364,8 +367,11 @@ def tune_llm_general(
     mix (Optional[GeneralMix]): The size of the mix and the shots (None: defaults).
     settings (Optional[TuningSettings]): How to train (None: the defaults;
         `examples_shown` keeps the prompts short).
+    definitions (str): How each corpus's label descriptions are written (see
+        `spacy_llm.ner_v3_task`); use the target pipeline's.
     RETURNS (TuningReport): The losses and the sentences taken per corpus.
     """
+    check_definition_style(definitions)
     mix = mix or GeneralMix()
     names = list(corpora)
     if not names:
@@ -378,7 +384,7 @@ def tune_llm_general(
             docs = list(corpora[name])
             labels = sorted(label_counts(docs))
             shots = greedy_k_shot(docs, mix.shots, labels=labels, seed=mix.seed, strategy="balanced")
-            nlp, _ = ner_v3_pipeline(model, labels, shots, Path(work) / f"examples-{len(sources)}.json")
+            nlp, _ = ner_v3_pipeline(model, labels, shots, Path(work) / f"examples-{len(sources)}.json", definitions)
             picked = [Example(nlp.make_doc(doc.text), doc) for doc in docs if id(doc) in chosen]
             sources.append((nlp, picked))
             taken[name] = len(picked)

@@ -126,6 +126,7 @@ def fit_select(
     def evaluate(step: int) -> None:
         if step not in at:
             return
+        release_memory()  # decoding the dev set must not stack on the heap training left behind
         value = nlp.evaluate(dev).get(score) or 0.0
         selection.dev_scores[step] = value
         if not kept or value >= selection.dev_scores[selection.best_step]:

@@ -4,9 +4,10 @@ A training stage on the CPU frees gigabytes of activations and optimizer state,
 but glibc keeps freed heap pages mapped when live blocks sit above them, so the
 process's resident size only grows: a general-mix stage followed by a K-shot
 stage in one process was killed by the OOM killer at 24.4 GB, where the K-shot
-stage alone, in a fresh process, peaked at 12.6 GB. Measured on that workload (Qwen2.5-Coder-1.5B, bf16,
-CPU, 14 steps into the general stage), `malloc_trim(0)` took the resident size
-from 10.4 GB to 6.8 GB. `release_memory` is called when a training stage ends.
+stage alone, in a fresh process, peaked at 12.6 GB. Measured on that workload
+(Qwen2.5-Coder-1.5B, bf16, CPU, 14 steps into the general stage), `malloc_trim(0)`
+took the resident size from 10.4 GB to 6.8 GB. `release_memory` is called when a
+training stage ends and before each dev evaluation during training.
 """
 import ctypes
 import gc

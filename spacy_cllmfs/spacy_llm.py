@@ -34,7 +34,7 @@ from spacy.util import registry
 from .adapters import AdapterState
 from .decoding import DecodingStats
 from .embedded import EMBEDDED_NAME
-from .labels import default_description
+from .labels import label_definitions
 from .inference import DecodingSettings, generate_texts
 from .models import HFCausalLM, context_length_of
 from .prompts import end_of_answer_id
@@ -424,25 +424,31 @@ def write_ner_v3_examples(docs: Iterable[Doc], labels: Sequence[str], path: Unio
     return len(examples)
 
 
-def ner_v3_task(labels: Sequence[str], examples_path: Union[str, Path]) -> Dict[str, Any]:
+def ner_v3_task(labels: Sequence[str], examples_path: Union[str, Path], definitions: str = "plain") -> Dict[str, Any]:
     """The `[components.llm.task]` block of a `spacy.NER.v3` task: `labels`, each
     defined by its default description, and the few-shot examples of a file written
     by `write_ner_v3_examples` (read with `spacy.FewShotReader.v1`).
 
     labels (Sequence[str]): The task's labels.
     examples_path (Union[str, Path]): The examples file.
+    definitions (str): How the descriptions are written (`labels.label_definitions`):
+        "plain" or "contrasted" (told apart from the other labels of the set).
     RETURNS (Dict[str, Any]): The task config.
     """
     return {
         "@llm_tasks": "spacy.NER.v3",
         "labels": list(labels),
-        "label_definitions": {label: default_description(label) for label in labels},
+        "label_definitions": label_definitions(labels, definitions),
         "examples": {"@misc": "spacy.FewShotReader.v1", "path": str(examples_path)},
     }
 
 
 def ner_v3_pipeline(
-    model: SpacyLLMModel, labels: Sequence[str], shots: Iterable[Doc], examples_path: Union[str, Path]
+    model: SpacyLLMModel,
+    labels: Sequence[str],
+    shots: Iterable[Doc],
+    examples_path: Union[str, Path],
+    definitions: str = "plain",
 ) -> Tuple[Language, int]:
     """A blank English pipeline whose `llm` component asks `spacy.NER.v3` about
     `labels` with `shots` as its few-shot examples (written to `examples_path`),
@@ -453,13 +459,15 @@ def ner_v3_pipeline(
     labels (Sequence[str]): The task's labels.
     shots (Iterable[Doc]): Gold docs, the few-shot examples.
     examples_path (Union[str, Path]): Where to write the examples (.json, .yml...).
+    definitions (str): How the label descriptions are written (see `ner_v3_task`).
     RETURNS (Tuple[Language, int]): The pipeline and the number of examples.
     """
     name = f"spacy_cllmfs.shared_model.{id(model)}"
     _llm_models().register(name, func=lambda: model)
     n_examples = write_ner_v3_examples(shots, labels, examples_path)
     nlp = spacy.blank("en")
-    nlp.add_pipe("llm", config={"task": ner_v3_task(labels, examples_path), "model": {"@llm_models": name}})
+    task = ner_v3_task(labels, examples_path, definitions)
+    nlp.add_pipe("llm", config={"task": task, "model": {"@llm_models": name}})
     return nlp, n_examples
 
 

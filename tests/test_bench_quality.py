@@ -178,7 +178,8 @@ def test_general_llm_stages_have_their_own_learn_rates_and_cache_folders(tmp_pat
     assert quality.general_llm_folder(tmp_path, dict(settings, llm_tune_learn_rate=3e-4), "music", 250) == folder
     # what changes the general adapter changes its folder: it is trained anew, never mixed up
     others = [dict(settings, llm_general_learn_rate=1e-4), dict(settings, shots=[20]),
-              dict(settings, llm_general_examples_shown=3), dict(settings, dtype="float32")]
+              dict(settings, llm_general_examples_shown=3), dict(settings, dtype="float32"),
+              dict(settings, llm_label_definitions="contrasted")]
     names = {quality.general_llm_folder(tmp_path, other, "music", 250) for other in others}
     assert folder not in names and len(names) == len(others)
 
@@ -235,5 +236,8 @@ def test_adapter_recipes_hold_what_trains_the_adapter_and_nothing_else(tiny_nlp,
     assert llm["tuning"]["learn_rate"] == 3e-4 and llm["mix"] == {"size": 250, "shots": 5, "seed": 0}
     assert quality.general_llm_recipe(dict(settings, llm_tune_learn_rate=1e-4, llm_tune_epochs=8), "music", 250) == llm
     for changed in (dict(settings, llm_general_learn_rate=1e-4), dict(settings, llm_general_examples_shown=3),
-                    dict(settings, shots=[20]), dict(settings, llm_tune_prompt_gradients=False)):
+                    dict(settings, shots=[20]), dict(settings, llm_tune_prompt_gradients=False),
+                    dict(settings, llm_label_definitions="contrasted")):
         assert quality.general_llm_recipe(changed, "music", 250) != llm
+    # plain definitions leave the recipe as it was before the setting existed: cached adapters stay valid
+    assert "definitions" not in llm

@@ -13,6 +13,7 @@ from spacy.training import Example
 from spacy.util import registry
 
 from spacy_cllmfs import llm_tuning
+from spacy_cllmfs.labels import label_definitions
 from spacy_cllmfs.llm_tuning import (
     GeneralMix, TuningSettings, answer_text, tune_llm, tune_llm_general, tune_llm_mixed, tuning_items, tuning_pairs,
 )
@@ -201,8 +202,15 @@ def test_training_hands_freed_memory_back_once_it_ends(tiny_model_path, monkeypa
 
     monkeypatch.setattr(llm_tuning, "accumulate", counted_step)
     monkeypatch.setattr(llm_tuning, "release_memory", lambda: events.append("release"))
-    tune_llm(nlp, as_examples(nlp, gold(nlp)[:2]), settings=TuningSettings(epochs=1, batch_size=1, warmup_steps=0))
+    examples = as_examples(nlp, gold(nlp)[:2])
+    tune_llm(nlp, examples, settings=TuningSettings(epochs=1, batch_size=1, warmup_steps=0))
     assert events == ["step", "step", "release"]
+    # and before each dev evaluation, so that decoding does not stack on training's heap
+    events.clear()
+    monkeypatch.setattr(nlp, "evaluate", lambda examples: events.append("dev") or {"ents_f": 0.5})
+    tune_llm(nlp, examples, settings=TuningSettings(epochs=1, batch_size=1, warmup_steps=0), dev=examples,
+             evaluations=1)
+    assert events == ["release", "dev", "step", "step", "release", "dev", "release"]
 
 
 def pipeline_on(lm, labels: List[str]) -> spacy.Language:
@@ -268,6 +276,31 @@ def test_general_tuning_asks_each_sentence_with_its_own_corpus_labels(tiny_model
         tune_llm_general(model, {})
     with pytest.raises(ValueError, match="size and shots must be >= 1"):
         GeneralMix(size=0)
+
+
+def test_general_tuning_writes_the_definitions_it_is_asked_for(tiny_model_path, monkeypatch):
+    nlp = llm_nlp(tiny_model_path)
+    model = nlp.get_pipe("llm")._model
+    text, ents = "Barack Obama met Marie Curie.", [("Barack Obama", "POLITICIAN"), ("Marie Curie", "PERSON")]
+    corpus = [make_doc(nlp, text, ents)]
+    shown = []
+    original = llm_tuning.tuning_pairs
+
+    def recording(task, examples, rng, settings):
+        shown.append(dict(task._label_definitions))
+        return original(task, examples, rng, settings)
+
+    monkeypatch.setattr(llm_tuning, "tuning_pairs", recording)
+    settings = TuningSettings(epochs=1, batch_size=1, examples_shown=0)
+    for style in ("plain", "contrasted"):
+        tune_llm_general(model, {"politics": corpus}, mix=GeneralMix(size=1, shots=1), settings=settings,
+                         definitions=style)
+    assert shown == [label_definitions(["PERSON", "POLITICIAN"], style) for style in ("plain", "contrasted")]
+    assert shown[0] != shown[1]
+    with pytest.raises(ValueError, match="Unknown label definition style 'fancy'"):
+        tune_llm_general(model, {"politics": corpus}, mix=GeneralMix(size=1, shots=1), settings=settings,
+                         definitions="fancy")
+    assert len(shown) == 2  # refused before any prompt was built
 
 
 def test_bad_input_names_the_fix(tiny_model_path):
@@ -398,3 +431,16 @@ def test_llm_config_cli_takes_labels_and_examples_from_the_shots(tiny_model_path
     DocBin(docs=[nlp("No entities here.")]).to_disk(tmp_path / "empty.spacy")
     empty = CliRunner().invoke(app, ["llm-config", str(tmp_path / "empty.spacy"), str(tmp_path / "x")])
     assert empty.exit_code == 1 and "has no entities" in empty.output
+    text = "Barack Obama met Marie Curie."
+    DocBin(docs=[make_doc(nlp, text, [("Barack Obama", "POLITICIAN"), ("Marie Curie", "PERSON")])]).to_disk(
+        tmp_path / "politics.spacy")
+    contrasted = CliRunner().invoke(app, ["llm-config", str(tmp_path / "politics.spacy"), str(tmp_path / "pol"),
+                                          "--definitions", "contrasted"])
+    assert contrasted.exit_code == 0, contrasted.output
+    definitions = Config().from_disk(tmp_path / "pol" / "llm.cfg")["components"]["llm"]["task"]["label_definitions"]
+    assert definitions["PERSON"] == "names of people, real or fictional, except those tagged POLITICIAN"
+    assert definitions == label_definitions(["PERSON", "POLITICIAN"], "contrasted")
+    bad = CliRunner().invoke(app, ["llm-config", str(tmp_path / "politics.spacy"), str(tmp_path / "refused"),
+                                   "--definitions", "fancy"])
+    assert bad.exit_code == 1 and "Unknown label definition style 'fancy'" in bad.output
+    assert not (tmp_path / "refused").exists()  # refused before anything was written

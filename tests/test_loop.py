@@ -90,3 +90,15 @@ def test_fit_hands_freed_memory_back_once_it_ends(tiny_model_config, monkeypatch
     monkeypatch.setattr(loop, "release_memory", lambda: events.append("release"))
     fit(nlp, examples, steps=2, batch_size=2, on_step=events.append)
     assert events == [1, 2, "release"]
+
+
+def test_fit_select_hands_freed_memory_back_before_each_dev_evaluation(tiny_model_config, monkeypatch):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config, "max_new_tokens": 8})
+    examples = as_examples(nlp, gold_docs(nlp))
+    nlp.initialize(lambda: examples)
+    events = []
+    monkeypatch.setattr(loop, "release_memory", lambda: events.append("release"))
+    monkeypatch.setattr(nlp, "evaluate", lambda dev, **kwargs: events.append("dev") or {"ents_f": 0.5})
+    fit_select(nlp, examples, examples[:2], steps=4, evaluations=2, batch_size=2, calibrate=False)
+    assert events == ["release", "dev", "release", "dev", "release"]
