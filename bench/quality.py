@@ -544,6 +544,16 @@ def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str
     return ordered
 
 
+def setting_value(text: str) -> Any:
+    """The value of a `--set KEY=VALUE`: JSON (`50`, `false`, `{}`, `"plain"`) or else the
+    text itself, as spaCy reads config overrides, so that a recorded command whose shell
+    quotes were dropped (`llm_label_definitions="contrasted"` -> `contrasted`) still runs."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="CrossNER folder (…/crossner)")
@@ -562,8 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="Start no new run after this many minutes (0: no limit); rerun to continue")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="Override a profile setting, e.g. --set source_limit=50")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override a profile setting, e.g. --set source_limit=50 (JSON, else a string)")
     args = parser.parse_args(argv)
 
     settings = dict(PROFILES[args.profile])
@@ -581,7 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         key, _, value = item.partition("=")
         if key not in settings:
             parser.error(f"--set: unknown setting {key!r}; known: {sorted(settings)}")
-        settings[key] = json.loads(value)
+        settings[key] = setting_value(value)
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     settings["decode_batch_size"] = 256 if on_gpu else 16
     settings["micro_batch_size"] = 16 if on_gpu else 8

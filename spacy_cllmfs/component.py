@@ -35,6 +35,7 @@ from .loop import unannotated
 from .models import HFCausalLM
 from .negatives import LabelCooccurrence
 from .prompts import PromptBuilder, PromptTemplate
+from .seeding import seeded_torch
 from .training import (
     LoRAOptimizer,
     TrainingItem,
@@ -476,7 +477,8 @@ class CLLMFSNer(TrainablePipe):
         resume_from: Optional[str] = None,
     ) -> None:
         """Set the labels (from `labels`, the config, or the examples), attach a fresh
-        LoRA adapter (unless one was loaded) and reset the optimizer.
+        LoRA adapter (unless one was loaded; initialised from the training seed alone,
+        not from what ran before in the process) and reset the optimizer.
 
         get_examples (Callable[[], Iterable[Example]]): Returns gold examples.
         nlp (Language): The pipeline.
@@ -502,7 +504,8 @@ class CLLMFSNer(TrainablePipe):
             self.demonstrations = Demonstrations.from_examples(
                 get_examples(), self.windows, self.labels, self.prompt.demonstrations
             )
-        self.model.ensure_lora()
+        with seeded_torch(self.training.seed):  # the fresh adapter's init: the seed's alone
+            self.model.ensure_lora()
         self._optimizer = None
         self._rng = random.Random(self.training.seed)
         if resume_from:

@@ -44,6 +44,7 @@ from .memory import release_memory
 from .mixing import mix_picks
 from .prompts import Prompt
 from .sampling import greedy_k_shot, label_counts
+from .seeding import seeded_torch
 from .spacy_llm import MODEL_NAME, SpacyLLMModel, ner_v3_pipeline
 from .training import TrainingItem, TrainingSettings, accumulate
 
@@ -70,7 +71,8 @@ class TuningSettings:
         without gradients, so that only the sentence and the answer are trained
         through: several times cheaper with long prompts, but a different gradient.
     micro_batch_size (int): Prompts per forward/backward pass.
-    seed (int): Seed for the order of examples and few-shot examples.
+    seed (int): Seed for the order of examples and few-shot examples, and for
+        torch (LoRA's initialisation and dropout) while the stage trains.
     """
 
     epochs: int = 4
@@ -408,6 +410,16 @@ def _train(
     epoch; `after_step` is called with each step's number (from 1).
     RETURNS (List[float]): The mean answer-token loss of each step.
     """
+    with seeded_torch(settings.seed):  # LoRA's init and dropout: the seed's alone
+        return _train_steps(stream, settings, after_step)
+
+
+def _train_steps(
+    stream: Sequence[Tuple[Any, SpacyLLMModel, Example]],
+    settings: TuningSettings,
+    after_step: Callable[[int], None],
+) -> List[float]:
+    """The steps of `_train`, with torch's generators seeded."""
     lm = stream[0][1].lm
     rng = random.Random(settings.seed)
     steps = _planned_steps(len(stream), settings)

@@ -19,6 +19,7 @@ from thinc.api import Adam, warmup_linear
 from tqdm import tqdm
 
 from .memory import release_memory
+from .seeding import seeded_torch
 
 
 def fit(
@@ -36,8 +37,10 @@ def fit(
 ) -> List[float]:
     """Update the trainable components of `nlp` for `steps` batches of `examples`.
 
-    Examples are shuffled (seeded) once per pass over the data. The learn rate
-    warms up linearly for `warmup_steps`, then decays linearly to 0.
+    Examples are shuffled (seeded) once per pass over the data, and torch's
+    generators (dropout) are seeded with `seed` while it trains, so that the result
+    does not depend on what ran before in the process. The learn rate warms up
+    linearly for `warmup_steps`, then decays linearly to 0.
     on_step (Optional[Callable[[int], None]]): Called with the step number (from 1)
         after each step.
 
@@ -52,19 +55,20 @@ def fit(
     rng = random.Random(seed)
     history: List[float] = []
     bar = tqdm(total=steps, desc="fit", disable=not progress, leave=False)
-    while len(history) < steps:
-        order = list(examples)
-        rng.shuffle(order)
-        for batch in minibatch(order, size=batch_size):
-            losses = nlp.update(list(batch), sgd=optimizer)
-            optimizer.step_schedules()
-            history.append(sum(losses.values()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]:.3f}")
-            if on_step is not None:
-                on_step(len(history))
-            if len(history) == steps:
-                break
+    with seeded_torch(seed):  # dropout draws on the seed alone, not on what ran before
+        while len(history) < steps:
+            order = list(examples)
+            rng.shuffle(order)
+            for batch in minibatch(order, size=batch_size):
+                losses = nlp.update(list(batch), sgd=optimizer)
+                optimizer.step_schedules()
+                history.append(sum(losses.values()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{history[-1]:.3f}")
+                if on_step is not None:
+                    on_step(len(history))
+                if len(history) == steps:
+                    break
     bar.close()
     del optimizer  # its moments go before the freed heap is handed back
     release_memory()

@@ -184,6 +184,12 @@ def test_general_llm_stages_have_their_own_learn_rates_and_cache_folders(tmp_pat
     assert folder not in names and len(names) == len(others)
 
 
+def test_a_set_value_is_json_or_else_the_text():
+    assert quality.setting_value('"contrasted"') == quality.setting_value("contrasted") == "contrasted"
+    assert quality.setting_value("false") is False and quality.setting_value("2.0") == 2.0
+    assert quality.setting_value("{}") == {} and quality.setting_value('{"politics": [20]}') == {"politics": [20]}
+
+
 def tiny_adapter(value: float) -> "quality.AdapterState":
     weights = {"base_model.model.layer.q_proj.lora_A.weight": torch.full((2, 4), value),
                "base_model.model.layer.q_proj.lora_B.weight": torch.zeros(4, 2)}

@@ -174,6 +174,21 @@ def test_unconstrained_mode_still_sets_valid_entities(tiny_model_config):
     assert ner.stats.generated_tokens > 0
 
 
+def test_a_fresh_adapter_is_initialised_from_the_training_seed_alone(tiny_model_config):
+    def initialized(history: int, seed: int) -> dict:
+        nlp = spacy.blank("en")
+        ner = nlp.add_pipe("cllmfs_ner", config={
+            "model": tiny_model_config, "labels": ["person"],
+            "training": {"@misc": "spacy_cllmfs.training.v2", "seed": seed}})
+        torch.manual_seed(history)  # what ran before in the process
+        nlp.initialize()
+        return ner.model.adapter_state().weights
+
+    first, second, other = initialized(1, seed=0), initialized(2, seed=0), initialized(1, seed=1)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
 def test_serialization_round_trips(tiny_nlp, tmp_path):
     ner = tiny_nlp.get_pipe("cllmfs_ner")
     ner.add_label("event", "named events")

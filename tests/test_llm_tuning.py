@@ -213,6 +213,22 @@ def test_training_hands_freed_memory_back_once_it_ends(tiny_model_path, monkeypa
     assert events == ["release", "dev", "step", "step", "release", "dev", "release"]
 
 
+def test_a_stage_trains_the_same_whatever_ran_before_it(tiny_model_path):
+    nlp = llm_nlp(tiny_model_path, max_new_tokens=4)
+    lm = nlp.get_pipe("llm")._model.lm
+    examples = as_examples(nlp, gold(nlp)[:2])
+    settings = TuningSettings(epochs=1, batch_size=1, warmup_steps=0, learn_rate=1e-2, seed=3)
+    adapters = []
+    for history in (1, 2):  # two processes whose torch generators stand at different states
+        torch.manual_seed(history)
+        before = torch.get_rng_state()
+        tune_llm(nlp, examples, settings=settings)
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is left as it was
+        adapters.append(lm.adapter_state().weights)
+        lm.reset_adapter()
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
+
+
 def pipeline_on(lm, labels: List[str]) -> spacy.Language:
     """An `llm` pipeline with its own labels, served by the model `lm` of another one."""
     model = SpacyLLMModel(lm, max_new_tokens=120, batch_size=4)

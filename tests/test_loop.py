@@ -81,6 +81,25 @@ def test_fit_reports_each_step(tiny_model_config):
     assert steps == [1, 2, 3]
 
 
+def test_fit_trains_the_same_whatever_ran_before_it(tiny_model_config):
+    config = dict(tiny_model_config, lora={**tiny_model_config["lora"], "dropout": 0.5})
+    runs, start = [], None
+    for history in (1, 2):  # two processes whose torch generators stand at different states
+        nlp = spacy.blank("en")
+        ner = nlp.add_pipe("cllmfs_ner", config={"model": config, "max_new_tokens": 8})
+        examples = as_examples(nlp, gold_docs(nlp))
+        nlp.initialize(lambda: examples)
+        start = start or ner.model.adapter_state()
+        ner.model.set_adapter(start)
+        torch.manual_seed(history)
+        before = torch.get_rng_state()
+        losses = fit(nlp, examples, steps=2, batch_size=2, learn_rate=0.05, seed=3)
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is left as it was
+        runs.append((losses, weights(ner)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
 def test_fit_hands_freed_memory_back_once_it_ends(tiny_model_config, monkeypatch):
     nlp = spacy.blank("en")
     nlp.add_pipe("cllmfs_ner", config={"model": tiny_model_config})
