@@ -76,6 +76,7 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import cpu_model, load_averages  # noqa: E402
 from spacy_cllmfs.adapters import AdapterState  # noqa: E402
 from spacy_cllmfs.corpora import read_conll  # noqa: E402
+from spacy_cllmfs.labels import check_definition_style  # noqa: E402
 from spacy_cllmfs.llm_tuning import GeneralMix, TuningSettings, tune_llm, tune_llm_general  # noqa: E402
 from spacy_cllmfs.loop import as_examples, fit, fit_select, unannotated  # noqa: E402
 from spacy_cllmfs.memory import peak_resident_bytes, release_memory, resident_bytes  # noqa: E402
@@ -592,6 +593,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if key not in settings:
             parser.error(f"--set: unknown setting {key!r}; known: {sorted(settings)}")
         settings[key] = setting_value(value)
+    try:  # refused now, not hours later when the first spacy_llm* run builds its prompts
+        check_definition_style(settings["llm_label_definitions"])
+    except ValueError as error:
+        parser.error(f"--set llm_label_definitions: {error}")
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     settings["decode_batch_size"] = 256 if on_gpu else 16
     settings["micro_batch_size"] = 16 if on_gpu else 8

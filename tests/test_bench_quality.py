@@ -190,6 +190,17 @@ def test_a_set_value_is_json_or_else_the_text():
     assert quality.setting_value("{}") == {} and quality.setting_value('{"politics": [20]}') == {"politics": [20]}
 
 
+def test_an_unknown_definition_style_is_refused_before_any_run(tmp_path, capsys):
+    try:
+        quality.main(["--data", str(tmp_path / "missing"), "--profile", "cpu-smoke", "--output", str(tmp_path / "q.json"),
+                      "--set", "llm_label_definitions=fancy"])
+        raise AssertionError("an unknown style was accepted")
+    except SystemExit:
+        pass
+    assert "Unknown label definition style 'fancy'" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
+
+
 def tiny_adapter(value: float) -> "quality.AdapterState":
     weights = {"base_model.model.layer.q_proj.lora_A.weight": torch.full((2, 4), value),
                "base_model.model.layer.q_proj.lora_B.weight": torch.zeros(4, 2)}
