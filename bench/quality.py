@@ -17,6 +17,8 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
                    asked by a NER.v3 task of its own corpus, `llm_general_examples_shown` of
                    that corpus's K-shot examples per prompt, at `llm_general_learn_rate`
                    (trained once, reused), then on the shots at `llm_tune_learn_rate`
+                   (`llm_tune_shared_step_examples`: the sentences of a shot step asked with
+                   the same examples, their shared prompt computed once per step)
                    (the spacy_llm* systems write their label descriptions as
                    `llm_label_definitions` says: "plain", or "contrasted" with the set's
                    other labels, `spacy_cllmfs.labels.label_definitions`)
@@ -134,7 +136,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 250, "extra_general_sizes": {"politics": [100, 500, 1000]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
-        "llm_tune_prompt_gradients": True,
+        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False,
         "llm_general_size": 100, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
         "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
@@ -149,7 +151,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 1000, "extra_general_sizes": {"politics": [250, 500]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
-        "llm_tune_prompt_gradients": True,
+        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False,
         "llm_general_size": 250, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
         "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
@@ -163,7 +165,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 4000, "extra_general_sizes": {"politics": [1000]}, "general_epochs": 2,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
-        "llm_tune_prompt_gradients": True,
+        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False,
         "llm_general_size": 2000, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
         "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
@@ -322,9 +324,11 @@ def llm_model(settings: Dict[str, Any]) -> SpacyLLMModel:
 def llm_tuning(settings: Dict[str, Any], seed: int, general: bool = False) -> TuningSettings:
     """How tune_llm trains on the shots (or, with `general`, on a general mix)."""
     prefix = "llm_general" if general else "llm_tune"
+    shared = {} if general or not settings["llm_tune_shared_step_examples"] else {
+        "shared_step_examples": True, "micro_batch_size": TuningSettings.batch_size}
     return TuningSettings(epochs=settings[f"{prefix}_epochs"], learn_rate=settings[f"{prefix}_learn_rate"],
                           examples_shown=settings[f"{prefix}_examples_shown"],
-                          prompt_gradients=settings["llm_tune_prompt_gradients"], seed=seed)
+                          prompt_gradients=settings["llm_tune_prompt_gradients"], seed=seed, **shared)
 
 
 def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any], tune: bool = False,
@@ -477,16 +481,25 @@ def general_llm_recipe(settings: Dict[str, Any], target: str, size: int) -> Dict
     not "plain", how its label descriptions are written (the shot stage's settings do not
     change it)."""
     mix = GeneralMix(size, settings["shots"][0])
-    styled = {} if settings["llm_label_definitions"] == "plain" else {"definitions": settings["llm_label_definitions"]}
+    style = non_plain_definitions(settings)
+    styled = {} if style is None else {"definitions": style}
     return adapter_recipe(settings, target=target, mix=asdict(mix),
                           tuning=asdict(llm_tuning(settings, seed=0, general=True)), **styled)
+
+
+def non_plain_definitions(settings: Dict[str, Any]) -> Optional[str]:
+    """The label definition style of the spacy_llm* systems if it is not "plain" (which
+    names and keys the general adapters of old, so that their caches stay valid)."""
+    style = settings["llm_label_definitions"]
+    return None if style == "plain" else style
 
 
 def general_llm_folder(work: Path, settings: Dict[str, Any], target: str, size: int) -> Path:
     """Where `general_llm_adapter` keeps a general adapter: the name holds the settings that
     change it, so a run with other settings trains its own instead of being refused."""
     grads = "" if settings["llm_tune_prompt_gradients"] else "-nograd"
-    styled = "" if settings["llm_label_definitions"] == "plain" else f"-{settings['llm_label_definitions']}"
+    style = non_plain_definitions(settings)
+    styled = "" if style is None else f"-{style}"
     return work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
                    f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}"
                    f"-k{settings['shots'][0]}-lr{settings['llm_general_learn_rate']:g}{grads}{styled}")

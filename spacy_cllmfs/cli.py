@@ -242,6 +242,11 @@ def tune_llm_cli(
         True, "--prompt-gradients/--no-prompt-gradients",
         help="Train through the whole prompt; --no-prompt-gradients only through the sentence and answer (faster).",
     ),
+    shared_step_examples: bool = typer.Option(
+        False, "--shared-step-examples/--own-examples",
+        help="Ask a step's sentences with the same examples (none of theirs), one shared prompt per step: with "
+             "--no-prompt-gradients, about batch-size times less prompt to compute.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the order of sentences and examples."),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
 ) -> None:
@@ -256,7 +261,8 @@ def tune_llm_cli(
         nlp = _load_llm_pipeline(pipeline, component, gpu_id)
         settings = TuningSettings(
             epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, examples_shown=examples_shown,
-            prompt_gradients=prompt_gradients, seed=seed,
+            prompt_gradients=prompt_gradients, shared_step_examples=shared_step_examples,
+            micro_batch_size=batch_size if shared_step_examples else 1, seed=seed,
         )
         train = as_examples(nlp, load_docbin(train_path, nlp.vocab))
         dev = as_examples(nlp, load_docbin(dev_path, nlp.vocab)) if dev_path is not None else []

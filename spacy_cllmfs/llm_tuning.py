@@ -71,6 +71,11 @@ class TuningSettings:
         without gradients, so that only the sentence and the answer are trained
         through: several times cheaper with long prompts, but a different gradient.
     micro_batch_size (int): Prompts per forward/backward pass.
+    shared_step_examples (bool): Ask the sentences of one step (of one task) with the
+        same few-shot examples in the same order, all of the step's own sentences left
+        out (`leave_one_out`), so that without `prompt_gradients` the part of the prompt
+        before the sentence is computed once per step, not once per sentence (needs
+        `micro_batch_size >= batch_size`). False: each prompt draws its own examples.
     seed (int): Seed for the order of examples and few-shot examples, and for
         torch (LoRA's initialisation and dropout) while the stage trains.
     """
@@ -85,6 +90,7 @@ class TuningSettings:
     examples_shown: Optional[int] = None
     prompt_gradients: bool = True
     micro_batch_size: int = 1
+    shared_step_examples: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +102,9 @@ class TuningSettings:
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.examples_shown is None or self.examples_shown >= 0, "examples_shown must be None or >= 0"),
+            (not self.shared_step_examples or self.micro_batch_size >= self.batch_size,
+             "shared_step_examples computes a step's shared prompt once only if the step is one micro-batch: "
+             f"set micro_batch_size >= batch_size ({self.batch_size}), or shared_step_examples = False"),
         ]
         for ok, message in checks:
             if not ok:
@@ -154,11 +163,14 @@ def tuning_pairs(
     task (Any): The `llm` component's task (spacy.NER.v3 or spacy.SpanCat.v3).
     examples (Sequence[Example]): Gold examples (`reference` holds the entities).
     rng (random.Random): Picks (`examples_shown`) and orders (`shuffle_examples`) the
-        few-shot examples shown.
+        few-shot examples shown: for each example, or with `shared_step_examples`, once
+        for all of them (none of their sentences shown).
     RETURNS (List[TuningPair]): One pair per example, in order.
     """
     shown_all = list(getattr(task, "prompt_examples", None) or [])
     wanted = {str(label).lower() for label in getattr(task, "labels", ())}
+    together = [example.reference.text for example in examples] if settings.shared_step_examples else None
+    step_shown = _examples_shown(shown_all, together, rng, settings) if together is not None else None
     pairs: List[TuningPair] = []
     for example in examples:
         gold = task.prompt_example_type.generate(example, task)
@@ -169,14 +181,10 @@ def tuning_pairs(
             )
         if wanted and hasattr(gold, "spans"):
             gold.spans = [span for span in gold.spans if str(span.label).lower() in wanted]
-        shown = list(shown_all)
-        if settings.leave_one_out:
-            shown = [shot for shot in shown if getattr(shot, "text", None) != example.reference.text]
-        if settings.examples_shown is not None and settings.examples_shown < len(shown):
-            picked = set(rng.sample(range(len(shown)), settings.examples_shown))
-            shown = [shot for i, shot in enumerate(shown) if i in picked]
-        if settings.shuffle_examples:
-            rng.shuffle(shown)
+        if step_shown is not None:
+            shown = step_shown
+        else:
+            shown = _examples_shown(shown_all, [example.reference.text], rng, settings)
         with _prompt_examples(task, shown):
             prompts, _ = next(iter(task.generate_prompts([example.predicted])))
         prompts = list(prompts)
@@ -186,6 +194,22 @@ def tuning_pairs(
         at = prompt.rfind(example.reference.text)
         pairs.append(TuningPair(prompt=prompt, answer=answer_text(gold), sentence_at=at))
     return pairs
+
+
+def _examples_shown(
+    shown_all: Sequence[Any], asked: Sequence[str], rng: random.Random, settings: TuningSettings
+) -> List[Any]:
+    """The few-shot examples a prompt shows, in order: all of the task's but those
+    `asked` (with `leave_one_out`), an `examples_shown` subset, shuffled."""
+    shown = list(shown_all)
+    if settings.leave_one_out:
+        shown = [shot for shot in shown if getattr(shot, "text", None) not in asked]
+    if settings.examples_shown is not None and settings.examples_shown < len(shown):
+        picked = set(rng.sample(range(len(shown)), settings.examples_shown))
+        shown = [shot for i, shot in enumerate(shown) if i in picked]
+    if settings.shuffle_examples:
+        rng.shuffle(shown)
+    return shown
 
 
 @contextlib.contextmanager
@@ -400,6 +424,38 @@ def _planned_steps(items: int, settings: TuningSettings) -> int:
     return math.ceil(items / settings.batch_size) * settings.epochs
 
 
+def step_items(
+    step: Sequence[Tuple[Any, SpacyLLMModel, Example]], rng: random.Random, settings: TuningSettings
+) -> List[TrainingItem]:
+    """The training items of one step of (task, model, example) triples: each example
+    asked by its own task, one prompt at a time, or with `shared_step_examples`, the
+    examples of each task together, with one shared prefix.
+
+    RETURNS (List[TrainingItem]): The step's token ids, answers and shared lengths.
+    """
+    if not settings.shared_step_examples:
+        return [item for task, model, example in step
+                for item in tuning_items(model, tuning_pairs(task, [example], rng, settings))]
+    by_task: Dict[int, Tuple[Any, SpacyLLMModel, List[Example]]] = {}
+    for task, model, example in step:
+        by_task.setdefault(id(task), (task, model, []))[2].append(example)
+    return [item for task, model, examples in by_task.values()
+            for item in _one_prefix(tuning_items(model, tuning_pairs(task, examples, rng, settings)))]
+
+
+def _one_prefix(items: List[TrainingItem]) -> List[TrainingItem]:
+    """Cut the shared parts of prompts that show the same examples to their common
+    length (a sentence's first token may merge with what precedes it), so that the
+    training step computes them as one prefix."""
+    if len(items) < 2:
+        return items
+    first = items[0].prompt.ids
+    shared = min(min(item.prompt.shared_len, common_prefix_length(first, item.prompt.ids)) for item in items)
+    for item in items:
+        item.prompt.shared_len = max(1, shared)
+    return items
+
+
 def _train(
     stream: Sequence[Tuple[Any, SpacyLLMModel, Example]],
     settings: TuningSettings,
@@ -446,9 +502,7 @@ def _train_steps(
         order = list(stream)
         rng.shuffle(order)
         for start in range(0, len(order), settings.batch_size):
-            items: List[TrainingItem] = []
-            for task, model, example in order[start : start + settings.batch_size]:
-                items.extend(tuning_items(model, tuning_pairs(task, [example], rng, settings)))
+            items = step_items(order[start : start + settings.batch_size], rng, settings)
             lm.ensure_lora()
             torch_model = lm.model.train()
             try:
@@ -468,5 +522,5 @@ def _train_steps(
     return losses
 
 
-__all__ = ("GeneralMix", "TuningPair", "TuningReport", "TuningSettings", "answer_text", "tune_llm", "tune_llm_general",
-           "tune_llm_mixed", "tuning_items", "tuning_pairs")
+__all__ = ("GeneralMix", "TuningPair", "TuningReport", "TuningSettings", "answer_text", "step_items", "tune_llm",
+           "tune_llm_general", "tune_llm_mixed", "tuning_items", "tuning_pairs")

@@ -12,11 +12,12 @@ from spacy.training import Example
 
 from spacy.util import registry
 
-from spacy_cllmfs import llm_tuning
+from spacy_cllmfs import llm_tuning, training
 from spacy_cllmfs.labels import label_definitions
 from spacy_cllmfs.llm_tuning import (
     GeneralMix, TuningSettings, answer_text, tune_llm, tune_llm_general, tune_llm_mixed, tuning_items, tuning_pairs,
 )
+from spacy_cllmfs.training import shared_micro_batches
 from spacy_cllmfs.spacy_llm import MODEL_NAME, SpacyLLMModel, embed_in_pipeline, write_ner_v3_examples
 
 LABELS = ["PERSON", "LOCATION"]
@@ -133,6 +134,57 @@ def test_examples_shown_picks_a_new_subset_each_time(tiny_model_path, tmp_path):
     assert len(task.prompt_examples) == len(docs)  # the task's own examples are untouched
     with pytest.raises(ValueError, match="examples_shown must be None or >= 0"):
         TuningSettings(examples_shown=-1)
+
+
+def shown_lines(prompt: str) -> List[str]:
+    """The few-shot sentences a prompt shows (the last "Paragraph:" line is the question)."""
+    return [line for line in prompt.splitlines() if line.startswith("Paragraph:")][:-1]
+
+
+def test_shared_step_examples_ask_a_step_with_one_prefix(tiny_model_path, tmp_path):
+    task, docs, _ = four_examples_and_a_question(tiny_model_path, tmp_path)
+    settings = TuningSettings(batch_size=2, micro_batch_size=2, shared_step_examples=True)
+    step = as_examples(spacy.blank("en"), docs[:2])
+    pairs = tuning_pairs(task, step, random.Random(0), settings)
+    asked = {doc.text for doc in docs[:2]}
+    first, second = (shown_lines(pair.prompt) for pair in pairs)
+    assert first == second and len(first) == 2  # the same two examples, in the same order
+    assert not any(line[len("Paragraph: "):] in asked for line in first)  # neither sentence of the step
+    # one prompt at a time: each shows the other sentence of the step, in an order of its own
+    alone = tuning_pairs(task, step, random.Random(0), TuningSettings(batch_size=2))
+    assert all(len(shown_lines(pair.prompt)) == 3 for pair in alone)
+    with pytest.raises(ValueError, match="set micro_batch_size >= batch_size"):
+        TuningSettings(batch_size=2, shared_step_examples=True)
+
+
+def test_a_shared_step_is_computed_as_one_prefix(tiny_model_path, tmp_path, monkeypatch):
+    _, docs, _ = four_examples_and_a_question(tiny_model_path, tmp_path)  # writes examples.json
+    nlp = llm_nlp(tiny_model_path, tmp_path / "examples.json", max_new_tokens=4)
+    people = nlp.get_pipe("llm")
+    orgs = pipeline_on(people._model.lm, ["ORG"])
+    stream = [(people.task, people._model, example) for example in as_examples(nlp, docs[:3])]
+    stream.append((orgs.get_pipe("llm").task, orgs.get_pipe("llm")._model, as_examples(orgs, docs[2:3])[0]))
+    settings = TuningSettings(batch_size=4, micro_batch_size=4, shared_step_examples=True, prompt_gradients=False)
+    items = llm_tuning.step_items(stream, random.Random(0), settings)
+    assert len(items) == 4
+    prefixes = {tuple(item.prompt.prefix) for item in items}
+    assert len(prefixes) == 2  # one per task: its three sentences share theirs
+    shared = people._model.lm.tokenizer.decode(items[0].prompt.prefix)
+    assert f"Paragraph: {docs[3].text}" in shared  # the examples are part of it
+    groups = [len(group) for batch in shared_micro_batches(items, 4) for group in batch]
+    assert sorted(groups) == [1, 3]
+    # and the step trains: the prefixes are computed once per task, the loss falls
+    computed = []
+    collate = training.collate_shared
+    monkeypatch.setattr(training, "collate_shared",
+                        lambda groups, *args: computed.append(len(groups)) or collate(groups, *args))
+    lm = people._model.lm
+    lm.reset_adapter()
+    losses = llm_tuning._train(stream, TuningSettings(epochs=6, batch_size=4, micro_batch_size=4, learn_rate=2e-2,
+                                                      warmup_steps=0, shared_step_examples=True,
+                                                      prompt_gradients=False), lambda step: None)
+    assert computed == [2] * 6
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_items_end_with_the_answer_and_the_end_token(tiny_model_path):
@@ -408,6 +460,10 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     )
     assert from_config.exit_code == 0, from_config.output
     assert "Tuned 1 steps on 2 sentences" in from_config.output
+    shared = CliRunner().invoke(app, [*args[:4], "--batch-size", "2", "--epochs", "1", "--no-prompt-gradients",
+                                      "--shared-step-examples"])
+    assert shared.exit_code == 0, shared.output
+    assert "Tuned 1 steps on 2 sentences" in shared.output
     DocBin(docs=docs[2:]).to_disk(tmp_path / "orgs.spacy")  # a corpus of other labels
     general = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general"),
                                        str(tmp_path / "orgs.spacy"), "--size", "1", "--shots", "1"])
