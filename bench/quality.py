@@ -487,6 +487,19 @@ def general_llm_recipe(settings: Dict[str, Any], target: str, size: int) -> Dict
                           tuning=asdict(llm_tuning(settings, seed=0, general=True)), **styled)
 
 
+def record_machine(results: Dict[str, Any], here: Dict[str, Any]) -> Dict[str, Any]:
+    """Make `here` the results file's latest "machine", and keep every machine the file ran
+    on in "machines" (a file written before "machines" existed keeps its one "machine").
+
+    RETURNS (Dict[str, Any]): `here`.
+    """
+    machines = results.setdefault("machines", [results["machine"]] if "machine" in results else [])
+    if here not in machines:
+        machines.append(here)
+    results["machine"] = here
+    return here
+
+
 def non_plain_definitions(settings: Dict[str, Any]) -> Optional[str]:
     """The label definition style of the spacy_llm* systems if it is not "plain" (which
     names and keys the general adapters of old, so that their caches stay valid)."""
@@ -530,10 +543,12 @@ def general_size(settings: Dict[str, Any], system: str) -> Optional[int]:
     return settings.get(key) if key else None
 
 
-def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str]) -> List[Run]:
+def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str],
+         extra_shots: bool = True) -> List[Run]:
     """The runs in order of importance, so that a short time budget still yields the
     rows that matter: the first K and seed on every domain first (domains and systems
-    in the order given), then extra shots and seeds, then the other general mix sizes."""
+    in the order given), then extra shots (unless `extra_shots` is False: `--shots`
+    given) and seeds, then the other general mix sizes."""
     def sized(domain: str, k: int, seed: int, system: str) -> Run:
         return Run(domain, k, seed, system, general_size(settings, system))
 
@@ -542,7 +557,7 @@ def plan(settings: Dict[str, Any], domains: Sequence[str], systems: Sequence[str
     rest = [
         sized(d, k, seed, s)
         for d in domains
-        for k in settings["shots"] + settings.get("extra_shots", {}).get(d, [])
+        for k in settings["shots"] + (settings.get("extra_shots", {}).get(d, []) if extra_shots else [])
         for seed in settings["seeds"] + settings["extra_seeds"].get(d, [])
         for s in systems
     ]
@@ -580,7 +595,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "(on a CPU with native bf16 matmuls, e.g. avx512_bf16, about 2x faster)")
     parser.add_argument("--domains", default=",".join(DOMAINS))
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--shots", default=None, help="Comma-separated K values (default: the profile's)")
+    parser.add_argument("--shots", default=None,
+                        help="Comma-separated K values, and no others (default: the profile's, with its extra K "
+                             "per domain, e.g. K=20 on politics in cpu-real)")
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
@@ -631,9 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          "continuing it would mix them. Fix: write to a new --output.")
     results["settings"] = {k: v for k, v in settings.items()}
     results["profile"] = args.profile
-    results["machine"] = here = machine()  # the latest; every machine of the file stays in "machines"
-    if here not in results.setdefault("machines", []):
-        results["machines"].append(here)
+    here = record_machine(results, machine())
     given = list(argv) if argv is not None else sys.argv[1:]
     results["command"] = " ".join(["python", "bench/quality.py", *given])
     commands = results.setdefault("commands", [])  # every invocation of this matrix (resumes)
@@ -654,7 +669,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     source: Optional[AdapterState] = None
     domains: Dict[str, Domain] = {}
     shots_of: Dict[Any, List[Doc]] = {}
-    for run in plan(settings, [d for d in args.domains.split(",") if d], systems):
+    for run in plan(settings, [d for d in args.domains.split(",") if d], systems, extra_shots=args.shots is None):
         domain_name, k, seed, system, size = run
         key = run.key
         if key in runs:

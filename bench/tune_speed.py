@@ -124,7 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         nlp, n_examples = ner_v3_pipeline(SpacyLLMModel(lm), domain.labels, shots, Path(work) / "examples.json")
         examples = as_examples(nlp, shots)[: args.sentences]
         run: Dict[str, Any] = {
-            **machine_info(), "cpu_native_bf16": cpu_bf16_support()[0], "domain": args.domain, "k": args.shots, "prompt_examples": n_examples,
+            **machine_info(), "cpu_native_bf16": cpu_bf16_support()[0], "domain": args.domain, "k": args.shots,
+            "prompt_examples": n_examples,
             "labels": len(domain.labels), "training_sentences": len(examples), "batch_size": args.batch_size,
             "model": args.model, "dtype": str(lm.dtype), "device": str(lm.device), "threads": args.threads,
             "load_s": round(loaded_s, 1), "variants": {},

@@ -98,6 +98,18 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert "| politics | 1 | 0 (few-shot only) |" in sweep and "| politics | 1 | 6 |" in sweep
 
 
+def test_a_resumed_file_keeps_every_machine_it_ran_on():
+    old, new = {"cpus": 2, "processor": "AMD EPYC"}, {"cpus": 2, "processor": "Xeon"}
+    results = {"machine": dict(old), "runs": {}}  # written before "machines" existed
+    assert quality.record_machine(results, new) == new
+    assert results["machine"] == new and results["machines"] == [old, new]
+    quality.record_machine(results, dict(new))
+    assert results["machines"] == [old, new]  # once each
+    fresh: dict = {}
+    quality.record_machine(fresh, new)
+    assert fresh["machines"] == [new]
+
+
 def test_general_mix_leaves_the_target_out_and_declares_labels(tmp_path):
     data = make_data(tmp_path)
     vocab = quality.spacy.blank("en").vocab
@@ -123,6 +135,9 @@ def test_runs_are_planned_most_important_first():
                         ("science", 5, 0, "cllmfs", None), ("science", 5, 0, "spacy_ner", None)]
     assert len(runs) == len(set(runs)) == 2 * (2 * 2 + 2)  # politics: 2 K x 2 seeds, science: 2 K x 1 seed
     assert runs[4][:3] == ("politics", 5, 1)
+    more = dict(settings, shots=[5], extra_shots={"politics": [20]})
+    assert ("politics", 20, 0, "cllmfs", None) in quality.plan(more, ["politics"], ["cllmfs"])
+    assert {run.k for run in quality.plan(more, ["politics"], ["cllmfs"], extra_shots=False)} == {5}  # --shots 5
     general = quality.plan(settings, ["politics", "science"], ["cllmfs", "cllmfs_general"])
     assert general[1].key == "cllmfs_general|politics|k5|s0|n500"
     # the size sweep comes last, at the first K and seed only
