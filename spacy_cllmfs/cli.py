@@ -274,8 +274,9 @@ def tune_llm_cli(
         scores = ", ".join(f"{step}: {value:.3f}" for step, value in sorted(report.dev_scores.items()))
         dev_note = f"; dev ents_f by step {{{scores}}}, kept step {report.best_step}"
     through = "the whole prompt" if prompt_gradients else "the sentence and answer only"
+    shown = "; one set of examples per step" if shared_step_examples else ""
     typer.echo(
-        f"Tuned {len(report.losses)} steps on {len(train)} sentences (gradients through {through}): "
+        f"Tuned {len(report.losses)} steps on {len(train)} sentences (gradients through {through}{shown}): "
         f"loss {report.losses[0]:.3f} -> "
         f"{report.losses[-1]:.3f}{dev_note}. Wrote {output_path}"
     )

@@ -463,7 +463,7 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     shared = CliRunner().invoke(app, [*args[:4], "--batch-size", "2", "--epochs", "1", "--no-prompt-gradients",
                                       "--shared-step-examples"])
     assert shared.exit_code == 0, shared.output
-    assert "Tuned 1 steps on 2 sentences" in shared.output
+    assert "Tuned 1 steps on 2 sentences (gradients through the sentence and answer only; one set of" in shared.output
     DocBin(docs=docs[2:]).to_disk(tmp_path / "orgs.spacy")  # a corpus of other labels
     general = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general"),
                                        str(tmp_path / "orgs.spacy"), "--size", "1", "--shots", "1"])
