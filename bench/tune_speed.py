@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from bench.machine import load_averages, machine_info  # noqa: E402
 from bench.quality import Domain  # noqa: E402
 from spacy_cllmfs.llm_tuning import TuningSettings, step_items, llm_model_of, tune_llm  # noqa: E402
 from spacy_cllmfs.loop import as_examples  # noqa: E402
+from spacy_cllmfs.memory import peak_resident_bytes  # noqa: E402
 from spacy_cllmfs.models import HFCausalLM, cpu_bf16_support  # noqa: E402
 from spacy_cllmfs.spacy_llm import SpacyLLMModel, ner_v3_pipeline  # noqa: E402
 
@@ -92,7 +92,7 @@ def run_variant(nlp: spacy.Language, lm: HFCausalLM, examples: Sequence[Any], va
     steps = [round(b - a, 2) for a, b in zip(marks, marks[1:])]
     return {**sizes, "step_s": steps, "median_step_s": statistics.median(steps),
             "losses": report.losses, "load_average_at_start": load,
-            "peak_rss_gib_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            "peak_rss_gib_so_far": round(peak_resident_bytes() / 2**30, 2)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -169,8 +169,8 @@ def tuning_pairs(
     """
     shown_all = list(getattr(task, "prompt_examples", None) or [])
     wanted = {str(label).lower() for label in getattr(task, "labels", ())}
-    together = [example.reference.text for example in examples] if settings.shared_step_examples else None
-    step_shown = _examples_shown(shown_all, together, rng, settings) if together is not None else None
+    step_shown = (_examples_shown(shown_all, [example.reference.text for example in examples], rng, settings)
+                  if settings.shared_step_examples else None)
     pairs: List[TuningPair] = []
     for example in examples:
         gold = task.prompt_example_type.generate(example, task)

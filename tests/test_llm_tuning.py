@@ -118,13 +118,18 @@ def test_shuffled_examples_change_order_not_content(tiny_model_path, tmp_path):
     assert all(lines == shown[0] for lines in shown)
 
 
+def shown_lines(prompt: str) -> List[str]:
+    """The few-shot sentences a prompt shows (the last "Paragraph:" line is the question)."""
+    return [line for line in prompt.splitlines() if line.startswith("Paragraph:")][:-1]
+
+
 def test_examples_shown_picks_a_new_subset_each_time(tiny_model_path, tmp_path):
     task, docs, question = four_examples_and_a_question(tiny_model_path, tmp_path)
     rng = random.Random(0)
     subsets = set()
     for _ in range(8):
         prompt = tuning_pairs(task, question, rng, TuningSettings(examples_shown=2))[0].prompt
-        shown = [line for line in prompt.splitlines() if line.startswith("Paragraph:")][:-1]  # the last asks
+        shown = shown_lines(prompt)
         assert len(shown) == 2
         assert all(line[len("Paragraph: "):] in {doc.text for doc in docs} for line in shown)
         subsets.add(frozenset(shown))
@@ -134,11 +139,6 @@ def test_examples_shown_picks_a_new_subset_each_time(tiny_model_path, tmp_path):
     assert len(task.prompt_examples) == len(docs)  # the task's own examples are untouched
     with pytest.raises(ValueError, match="examples_shown must be None or >= 0"):
         TuningSettings(examples_shown=-1)
-
-
-def shown_lines(prompt: str) -> List[str]:
-    """The few-shot sentences a prompt shows (the last "Paragraph:" line is the question)."""
-    return [line for line in prompt.splitlines() if line.startswith("Paragraph:")][:-1]
 
 
 def test_shared_step_examples_ask_a_step_with_one_prefix(tiny_model_path, tmp_path):
