@@ -18,7 +18,9 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
                    that corpus's K-shot examples per prompt, at `llm_general_learn_rate`
                    (trained once, reused), then on the shots at `llm_tune_learn_rate`
                    (`llm_tune_shared_step_examples`: the sentences of a shot step asked with
-                   the same examples, their shared prompt computed once per step)
+                   the same examples, their shared prompt computed once per step;
+                   `llm_tune_contrastive_weight`: the shot stage adds CLLMFS's boundary
+                   contrastive loss, anchored on the label names of the prompt, at this weight)
                    (the spacy_llm* systems write their label descriptions as
                    `llm_label_definitions` says: "plain", or "contrasted" with the set's
                    other labels, `spacy_cllmfs.labels.label_definitions`)
@@ -136,7 +138,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 250, "extra_general_sizes": {"politics": [100, 500, 1000]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
-        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False,
+        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
         "llm_general_size": 100, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
         "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
@@ -151,7 +153,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 1000, "extra_general_sizes": {"politics": [250, 500]}, "general_epochs": 1,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
-        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False,
+        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
         "llm_general_size": 250, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
         "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
@@ -165,7 +167,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "general_size": 4000, "extra_general_sizes": {"politics": [1000]}, "general_epochs": 2,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
-        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False,
+        "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
         "llm_general_size": 2000, "llm_general_epochs": 1, "llm_general_examples_shown": 2,
         "llm_general_learn_rate": 3e-4, "llm_label_definitions": "plain",
     },
@@ -326,9 +328,11 @@ def llm_tuning(settings: Dict[str, Any], seed: int, general: bool = False) -> Tu
     prefix = "llm_general" if general else "llm_tune"
     shared = {} if general or not settings["llm_tune_shared_step_examples"] else {
         "shared_step_examples": True, "micro_batch_size": TuningSettings.batch_size}
+    contrastive = 0.0 if general else settings["llm_tune_contrastive_weight"]
     return TuningSettings(epochs=settings[f"{prefix}_epochs"], learn_rate=settings[f"{prefix}_learn_rate"],
                           examples_shown=settings[f"{prefix}_examples_shown"],
-                          prompt_gradients=settings["llm_tune_prompt_gradients"], seed=seed, **shared)
+                          prompt_gradients=settings["llm_tune_prompt_gradients"], contrastive_weight=contrastive,
+                          seed=seed, **shared)
 
 
 def run_spacy_llm(shots: Sequence[Doc], domain: Domain, settings: Dict[str, Any], tune: bool = False,

@@ -220,7 +220,7 @@ def speed_description(results: Dict[str, Any]) -> str:
         + (f" Outputs of the three unconstrained systems differed on {agreement['mismatches']} of "
            f"{agreement['prompts']} prompts." if agreement.get("mismatches") is not None else "")
         + f"{_entities(results)} "
-        f"Compute floor: {floor['formula']} at {_peaks(floor)}. Command: `{env['command']}`"
+        f"Compute floor: {floor['formula']} at {_peaks(floor)}. Command: `{relative_paths(env['command'])}`"
     )
 
 

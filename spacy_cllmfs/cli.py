@@ -247,6 +247,11 @@ def tune_llm_cli(
         help="Ask a step's sentences with the same examples (none of theirs), one shared prompt per step: with "
              "--no-prompt-gradients, about batch-size times less prompt to compute.",
     ),
+    contrastive_weight: float = typer.Option(
+        0.0, "--contrastive-weight",
+        help="Weight of the boundary contrastive loss (anchor: a label's name in the prompt; positives: the first "
+             "and last tokens of its entities in the sentence); 0 turns it off.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the order of sentences and examples."),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
 ) -> None:
@@ -262,7 +267,8 @@ def tune_llm_cli(
         settings = TuningSettings(
             epochs=epochs, batch_size=batch_size, learn_rate=learn_rate, examples_shown=examples_shown,
             prompt_gradients=prompt_gradients, shared_step_examples=shared_step_examples,
-            micro_batch_size=batch_size if shared_step_examples else 1, seed=seed,
+            micro_batch_size=batch_size if shared_step_examples else 1, contrastive_weight=contrastive_weight,
+            seed=seed,
         )
         train = as_examples(nlp, load_docbin(train_path, nlp.vocab))
         dev = as_examples(nlp, load_docbin(dev_path, nlp.vocab)) if dev_path is not None else []
@@ -275,6 +281,7 @@ def tune_llm_cli(
         dev_note = f"; dev ents_f by step {{{scores}}}, kept step {report.best_step}"
     through = "the whole prompt" if prompt_gradients else "the sentence and answer only"
     shown = "; one set of examples per step" if shared_step_examples else ""
+    shown += f"; contrastive weight {contrastive_weight:g}" if contrastive_weight > 0 else ""
     typer.echo(
         f"Tuned {len(report.losses)} steps on {len(train)} sentences (gradients through {through}{shown}): "
         f"loss {report.losses[0]:.3f} -> "

@@ -41,6 +41,7 @@ from .training import (
     TrainingItem,
     TrainingSettings,
     accumulate,
+    contrastive_layer_index,
     enable_checkpointing,
     is_checkpointing,
     make_items,
@@ -526,8 +527,7 @@ class CLLMFSNer(TrainablePipe):
         return model
 
     def _layer(self, model: Any) -> int:
-        n_layers = getattr(model.config, "num_hidden_layers", None) or len(model.model.layers)
-        return self.training.layer_index(n_layers)
+        return contrastive_layer_index(model, self.training)
 
     def update(
         self,

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from spacy.training import Example
 
 from .batching import common_prefix_length
 from .labels import check_definition_style
+from .losses import CONTRASTIVE_NEGATIVES, ContrastiveTargets
 from .loop import evaluation_steps
 from .memory import release_memory
 from .mixing import mix_picks
@@ -46,7 +48,7 @@ from .prompts import Prompt
 from .sampling import greedy_k_shot, label_counts
 from .seeding import seeded_torch
 from .spacy_llm import MODEL_NAME, SpacyLLMModel, ner_v3_pipeline
-from .training import TrainingItem, TrainingSettings, accumulate
+from .training import TrainingItem, TrainingSettings, accumulate, contrastive_layer_index, contrastive_targets
 
 logger = logging.getLogger("spacy_cllmfs.llm_tuning")
 
@@ -76,6 +78,16 @@ class TuningSettings:
         out (`leave_one_out`), so that without `prompt_gradients` the part of the prompt
         before the sentence is computed once per step, not once per sentence (needs
         `micro_batch_size >= batch_size`). False: each prompt draws its own examples.
+    contrastive_weight (float): Lambda of CLLMFS's boundary contrastive loss, added to
+        the answer loss (0 turns it off): per label with entities in the sentence, the
+        hidden state of the label's first mention in the prompt (its label list) is the
+        anchor, the first and last tokens of its entities in the sentence the positives,
+        their neighbours (and other tokens of the sentence) the negatives.
+    contrastive_layer (Optional[int]): Hidden layer of the contrastive loss (1..n_layers,
+        negative counts from the end); None picks about 3/4 of the depth.
+    contrastive_negatives (str): Which negatives come first: "boundary" (the tokens next
+        to the label's entities) or "other_types" (the first and last tokens of the
+        sentence's entities of other labels).
     seed (int): Seed for the order of examples and few-shot examples, and for
         torch (LoRA's initialisation and dropout) while the stage trains.
     """
@@ -91,6 +103,9 @@ class TuningSettings:
     prompt_gradients: bool = True
     micro_batch_size: int = 1
     shared_step_examples: bool = False
+    contrastive_weight: float = 0.0
+    contrastive_layer: Optional[int] = None
+    contrastive_negatives: str = "boundary"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,6 +120,10 @@ class TuningSettings:
             (not self.shared_step_examples or self.micro_batch_size >= self.batch_size,
              "shared_step_examples computes a step's shared prompt once only if the step is one micro-batch: "
              f"set micro_batch_size >= batch_size ({self.batch_size}), or shared_step_examples = False"),
+            (self.contrastive_weight >= 0, "contrastive_weight must be >= 0"),
+            (self.contrastive_layer != 0, "contrastive_layer 0 is the embedding layer; use 1..n_layers"),
+            (self.contrastive_negatives in CONTRASTIVE_NEGATIVES,
+             f"contrastive_negatives must be one of {CONTRASTIVE_NEGATIVES}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,12 +132,22 @@ class TuningSettings:
 
 @dataclass
 class TuningPair:
-    """One training prompt (as the task renders it) and its gold answer text;
-    `sentence_at` is where the sentence asked about starts in the prompt (-1: not found)."""
+    """One training prompt (as the task renders it) and its gold answer text.
+
+    sentence_at (int): Where the sentence asked about starts in the prompt (-1: not found).
+    words (List[Tuple[int, int]]): The characters of the sentence's tokens in the prompt.
+    entities (List[Tuple[str, int, int]]): The gold entities of the task's labels: label
+        (as the prompt writes it), first token, end token (indices into `words`).
+    mentions (Dict[str, Tuple[int, int]]): The characters of each entity label's first
+        mention in the prompt (its label list).
+    """
 
     prompt: str
     answer: str
     sentence_at: int = -1
+    words: List[Tuple[int, int]] = field(default_factory=list)
+    entities: List[Tuple[str, int, int]] = field(default_factory=list)
+    mentions: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,7 +197,8 @@ def tuning_pairs(
     RETURNS (List[TuningPair]): One pair per example, in order.
     """
     shown_all = list(getattr(task, "prompt_examples", None) or [])
-    wanted = {str(label).lower() for label in getattr(task, "labels", ())}
+    written = {str(label).lower(): str(label) for label in getattr(task, "labels", ())}
+    wanted = set(written)
     step_shown = (_examples_shown(shown_all, [example.reference.text for example in examples], rng, settings)
                   if settings.shared_step_examples else None)
     pairs: List[TuningPair] = []
@@ -192,8 +222,26 @@ def tuning_pairs(
             raise ValueError(f"The task split a training sentence into {len(prompts)} prompts; expected one.")
         prompt = prompts[0]
         at = prompt.rfind(example.reference.text)
-        pairs.append(TuningPair(prompt=prompt, answer=answer_text(gold), sentence_at=at))
+        pair = TuningPair(prompt=prompt, answer=answer_text(gold), sentence_at=at)
+        if at >= 0:
+            _locate_entities(pair, example.reference, written)
+        pairs.append(pair)
     return pairs
+
+
+def _locate_entities(pair: TuningPair, doc: Doc, written: Dict[str, str]) -> None:
+    """Fill in where the sentence's tokens, its gold entities (of the labels `written`,
+    lower-cased name -> as the prompt writes it) and their labels' first mentions are."""
+    pair.words = [(pair.sentence_at + token.idx, pair.sentence_at + token.idx + len(token)) for token in doc]
+    for ent in doc.ents:
+        label = written.get(ent.label_.lower()) if written else ent.label_
+        if label is None:
+            continue
+        pair.entities.append((label, ent.start, ent.end))
+        if label not in pair.mentions:
+            found = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", pair.prompt)
+            if found is not None:
+                pair.mentions[label] = found.span()
 
 
 def _examples_shown(
@@ -228,23 +276,73 @@ def _prompt_examples(task: Any, shown: List[Any]) -> Iterator[None]:
         task._prompt_examples = kept
 
 
-def tuning_items(model: SpacyLLMModel, pairs: Sequence[TuningPair]) -> List[TrainingItem]:
+def tuning_items(
+    model: SpacyLLMModel,
+    pairs: Sequence[TuningPair],
+    settings: Optional[TuningSettings] = None,
+    rng: Optional[random.Random] = None,
+) -> List[TrainingItem]:
     """Token ids of the pairs, as the model reads them (its chat template included);
     the answer ends with the model's end-of-answer token. A prompt's shared part
     (`shared_len`) is all that precedes the sentence, and at least its last token
-    is left out of it."""
+    is left out of it. With a `contrastive_weight` in `settings`, each item carries
+    one group of contrastive targets per label with entities in its sentence
+    (`rng` samples their other negatives)."""
     tokenizer = model.lm.tokenizer
+    contrastive = settings is not None and settings.contrastive_weight > 0
     items: List[TrainingItem] = []
     for pair in pairs:
-        ids = model.encode(pair.prompt)
+        ids, offsets = model.encode_offsets(pair.prompt) if contrastive else (model.encode(pair.prompt), [])
         answer = list(tokenizer(pair.answer, add_special_tokens=False)["input_ids"]) + [model.end_id]
         shared = len(ids) - 1
         if pair.sentence_at > 0:
             head = model.encode(pair.prompt[: pair.sentence_at])
             shared = max(1, min(shared, common_prefix_length(ids, head)))
         prompt = Prompt(ids=ids, label="", shared_len=shared, word_spans=[], label_positions=[])
-        items.append(TrainingItem(prompt, answer, None))
+        targets = (pair_targets(pair, prompt, offsets, settings, rng or random.Random(0))
+                   if contrastive and settings is not None else [])
+        items.append(TrainingItem(prompt, answer, targets))
     return items
+
+
+def pair_targets(
+    pair: TuningPair,
+    prompt: Prompt,
+    offsets: Sequence[Optional[Tuple[int, int]]],
+    settings: TuningSettings,
+    rng: random.Random,
+) -> List[ContrastiveTargets]:
+    """The contrastive targets of one prompt of all labels: for each label with gold
+    entities in the sentence, the tokens of the label's first mention (anchor), of
+    its entities' first and last tokens (positives), and of their neighbours and the
+    rest of the sentence (negatives, `training.contrastive_targets`).
+
+    offsets (Sequence[Optional[Tuple[int, int]]]): The characters of each token of
+        `prompt.ids` in the prompt text (`SpacyLLMModel.encode_offsets`).
+    RETURNS (List[ContrastiveTargets]): One group per label (none without entities).
+    """
+    def tokens_of(start: int, end: int) -> List[int]:
+        return [i for i, span in enumerate(offsets) if span is not None and span[0] < end and span[1] > start]
+
+    sentence = Prompt(ids=prompt.ids, label="", shared_len=prompt.shared_len,
+                      word_spans=[_token_range(tokens_of(*word)) for word in pair.words], label_positions=[])
+    groups: List[ContrastiveTargets] = []
+    for label in dict.fromkeys(label for label, _, _ in pair.entities):
+        if label not in pair.mentions:
+            continue
+        spans = [(start, end) for other, start, end in pair.entities if other == label]
+        others = ([(start, end) for other, start, end in pair.entities if other != label]
+                  if settings.contrastive_negatives == "other_types" else [])
+        sentence.label_positions = tokens_of(*pair.mentions[label])
+        found = contrastive_targets(sentence, spans, TrainingSettings.max_negatives, rng, others)
+        if found is not None:
+            groups.append(found)
+    return groups
+
+
+def _token_range(positions: List[int]) -> Tuple[int, int]:
+    """RETURNS (Tuple[int, int]): The [start, end) of token positions (empty: (0, 0))."""
+    return (positions[0], positions[-1] + 1) if positions else (0, 0)
 
 
 def llm_model_of(nlp: Language, component: str) -> Tuple[Any, SpacyLLMModel]:
@@ -425,22 +523,29 @@ def _planned_steps(items: int, settings: TuningSettings) -> int:
 
 
 def step_items(
-    step: Sequence[Tuple[Any, SpacyLLMModel, Example]], rng: random.Random, settings: TuningSettings
+    step: Sequence[Tuple[Any, SpacyLLMModel, Example]],
+    rng: random.Random,
+    settings: TuningSettings,
+    negatives: Optional[random.Random] = None,
 ) -> List[TrainingItem]:
     """The training items of one step of (task, model, example) triples: each example
     asked by its own task, one prompt at a time, or with `shared_step_examples`, the
     examples of each task together, with one shared prefix.
 
+    rng (random.Random): Picks and orders the few-shot examples shown.
+    negatives (Optional[random.Random]): Samples the contrastive negatives (its own
+        generator, so that the examples shown do not depend on `contrastive_weight`).
     RETURNS (List[TrainingItem]): The step's token ids, answers and shared lengths.
     """
+    def items(task: Any, model: SpacyLLMModel, examples: List[Example]) -> List[TrainingItem]:
+        return tuning_items(model, tuning_pairs(task, examples, rng, settings), settings, negatives)
+
     if not settings.shared_step_examples:
-        return [item for task, model, example in step
-                for item in tuning_items(model, tuning_pairs(task, [example], rng, settings))]
+        return [item for task, model, example in step for item in items(task, model, [example])]
     by_task: Dict[int, Tuple[Any, SpacyLLMModel, List[Example]]] = {}
     for task, model, example in step:
         by_task.setdefault(id(task), (task, model, []))[2].append(example)
-    return [item for task, model, examples in by_task.values()
-            for item in _one_prefix(tuning_items(model, tuning_pairs(task, examples, rng, settings)))]
+    return [item for task, model, examples in by_task.values() for item in _one_prefix(items(task, model, examples))]
 
 
 def _one_prefix(items: List[TrainingItem]) -> List[TrainingItem]:
@@ -477,7 +582,7 @@ def _train_steps(
 ) -> List[float]:
     """The steps of `_train`, with torch's generators seeded."""
     lm = stream[0][1].lm
-    rng = random.Random(settings.seed)
+    rng, negatives = random.Random(settings.seed), random.Random(settings.seed)
     steps = _planned_steps(len(stream), settings)
     lm.ensure_lora()
     params = lm.trainable_parameters()
@@ -491,22 +596,25 @@ def _train_steps(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     fit = TrainingSettings(
-        contrastive_weight=0.0,
+        contrastive_weight=settings.contrastive_weight,
+        contrastive_layer=settings.contrastive_layer,
+        contrastive_negatives=settings.contrastive_negatives,
         shared_prefix=not settings.prompt_gradients,
         prefix_gradients=settings.prompt_gradients,
         micro_batch_size=settings.micro_batch_size,
         mixed_precision=True,
     )
+    layer = contrastive_layer_index(lm.model, fit)
     losses: List[float] = []
     for _ in range(settings.epochs):
         order = list(stream)
         rng.shuffle(order)
         for start in range(0, len(order), settings.batch_size):
-            items = step_items(order[start : start + settings.batch_size], rng, settings)
+            items = step_items(order[start : start + settings.batch_size], rng, settings, negatives)
             lm.ensure_lora()
             torch_model = lm.model.train()
             try:
-                totals = accumulate(torch_model, items, fit, 1, lm.pad_id, lm.device, train=True)
+                totals = accumulate(torch_model, items, fit, layer, lm.pad_id, lm.device, train=True)
             finally:
                 torch_model.eval()
             if settings.grad_clip > 0:
@@ -515,12 +623,13 @@ def _train_steps(
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
             losses.append(totals["loss"])
-            logger.info("tune_llm: step %d/%d loss %.4f", len(losses), steps, totals["loss"])
+            contrastive = f" (contrastive {totals['contrastive']:.4f})" if "contrastive" in totals else ""
+            logger.info("tune_llm: step %d/%d loss %.4f%s", len(losses), steps, totals["loss"], contrastive)
             after_step(len(losses))
     del optimizer, schedule  # the moments go before the freed heap is handed back
     release_memory()
     return losses
 
 
-__all__ = ("GeneralMix", "TuningPair", "TuningReport", "TuningSettings", "answer_text", "step_items", "tune_llm",
-           "tune_llm_general", "tune_llm_mixed", "tuning_items", "tuning_pairs")
+__all__ = ("GeneralMix", "TuningPair", "TuningReport", "TuningSettings", "answer_text", "pair_targets", "step_items",
+           "tune_llm", "tune_llm_general", "tune_llm_mixed", "tuning_items", "tuning_pairs")

@@ -8,7 +8,7 @@ other tokens outside the label's entities. Pulling boundary tokens towards
 the label and pushing their neighbours away is what sharpens the boundaries.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,19 @@ class ContrastiveTargets:
     anchor: List[int]
     positives: List[int]
     negatives: List[int]
+
+    def moved(self, place: Callable[[int], int]) -> "ContrastiveTargets":
+        """RETURNS (ContrastiveTargets): The same targets at positions `place(p)`."""
+        return ContrastiveTargets(
+            anchor=[place(p) for p in self.anchor],
+            positives=[place(p) for p in self.positives],
+            negatives=[place(p) for p in self.negatives],
+        )
+
+    @property
+    def usable(self) -> bool:
+        """Whether the targets have an anchor, positives and negatives."""
+        return bool(self.anchor and self.positives and self.negatives)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: Optional[float] = None) -> torch.Tensor:
@@ -47,7 +60,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: Optional[flo
 
 def contrastive_loss(
     hidden: torch.Tensor,
-    targets: Sequence[Optional[ContrastiveTargets]],
+    targets: Sequence[Sequence[ContrastiveTargets]],
     *,
     temperature: float = 0.1,
     kind: str = "infonce",
@@ -57,7 +70,8 @@ def contrastive_loss(
     """Boundary contrastive loss over a batch.
 
     hidden (torch.Tensor): (batch, length, dim) hidden states of the chosen layer.
-    targets (Sequence[Optional[ContrastiveTargets]]): Per row, or None to skip the row.
+    targets (Sequence[Sequence[ContrastiveTargets]]): Per row, its groups of targets (one
+        per label asked about in the row; none to skip the row).
     temperature (float): Softmax temperature of InfoNCE.
     kind (str): "infonce": each positive against all negatives of its row,
         -log(exp(s+/t) / (exp(s+/t) + sum exp(s-/t))) with cosine similarities s;
@@ -65,15 +79,13 @@ def contrastive_loss(
     normalizer (Optional[float]): Divide the summed terms by this instead of their number.
     center (bool): Subtract the mean of the row's anchor, positive and negative states
         before the cosines (removes the direction all of them share).
-    RETURNS (torch.Tensor): The mean loss over positives ("infonce") or rows
-        ("pairwise"); 0 if no row has positives and negatives.
+    RETURNS (torch.Tensor): The mean loss over positives ("infonce") or groups
+        ("pairwise"); 0 if no group has positives and negatives.
     """
     if kind not in CONTRASTIVE_LOSSES:
         raise ValueError(f"Unknown contrastive loss '{kind}'. Use one of {CONTRASTIVE_LOSSES}.")
     terms: List[torch.Tensor] = []
-    for row, target in enumerate(targets):
-        if target is None or not target.anchor or not target.positives or not target.negatives:
-            continue
+    for row, target in ((row, t) for row, groups in enumerate(targets) for t in groups if t.usable):
         states = hidden[row].float()
         anchor = states[target.anchor].mean(dim=0)
         chosen = [states[target.positives], states[target.negatives]]
@@ -96,9 +108,9 @@ def contrastive_loss(
     return stacked.sum() / (normalizer if normalizer is not None else len(stacked))
 
 
-def contrastive_terms(targets: Sequence[Optional[ContrastiveTargets]], kind: str = "infonce") -> int:
+def contrastive_terms(targets: Sequence[Sequence[ContrastiveTargets]], kind: str = "infonce") -> int:
     """RETURNS (int): How many terms `contrastive_loss` averages over for these targets."""
-    usable = [t for t in targets if t is not None and t.anchor and t.positives and t.negatives]
+    usable = [t for groups in targets for t in groups if t.usable]
     return sum(len(t.positives) for t in usable) if kind == "infonce" else len(usable)
 
 

@@ -162,14 +162,42 @@ class SpacyLLMModel:
         prompt (str): The prompt text.
         RETURNS (List[int]): The prompt's token ids.
         """
+        text, special = self._model_text(prompt)
+        return list(self.lm.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def encode_offsets(self, prompt: str) -> Tuple[List[int], List[Optional[Tuple[int, int]]]]:
+        """The token ids of `encode`, with the characters of `prompt` each token covers.
+
+        prompt (str): The prompt text.
+        RETURNS (Tuple[List[int], List[Optional[Tuple[int, int]]]]): The ids, and per id
+            its [start, end) in `prompt` (None for the chat template's and special tokens).
+        RAISES (TypeError): If the tokenizer cannot map tokens to characters.
+        """
         tokenizer = self.lm.tokenizer
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(
+                f"{type(tokenizer).__name__} cannot map tokens to characters (it is not a fast tokenizer), "
+                "which the contrastive loss of tune_llm needs. Fix: load a model with a fast tokenizer, "
+                "or set contrastive_weight = 0."
+            )
+        text, special = self._model_text(prompt)
+        encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        base = text.find(prompt)
+        spans: List[Optional[Tuple[int, int]]] = []
+        for start, end in encoded["offset_mapping"]:
+            inside = base >= 0 and end > start and base <= start and end <= base + len(prompt)
+            spans.append((start - base, end - base) if inside else None)
+        return list(encoded["input_ids"]), spans
+
+    def _model_text(self, prompt: str) -> Tuple[str, bool]:
+        """RETURNS (Tuple[str, bool]): The text the model reads for `prompt` (its chat
+        template or system prompt applied) and whether the tokenizer adds special tokens."""
         if self._chat:
-            text = tokenizer.apply_chat_template(
+            text = self.lm.tokenizer.apply_chat_template(
                 self._messages(prompt), tokenize=False, add_generation_prompt=True
             )
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        text = f"{self.system_prompt}\n\n{prompt}" if self.system_prompt else prompt
-        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+            return text, False
+        return (f"{self.system_prompt}\n\n{prompt}" if self.system_prompt else prompt), True
 
     def to_bytes(self, *, exclude: Tuple[str, ...] = tuple()) -> bytes:
         """Serialize the LoRA adapter (spacy-llm's `llm` component calls this, so

@@ -13,7 +13,7 @@ learn rate (schedules included, since spaCy steps them), betas, eps, L2
 """
 import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -232,11 +232,13 @@ def training_v1(
 
 @dataclass
 class TrainingItem:
-    """One (sentence, label) prompt with its gold answer and contrastive positions."""
+    """One prompt with its gold answer and contrastive positions: for a (sentence,
+    label) prompt one group of targets at most, for a prompt of all labels (spacy-llm)
+    one per label with entities in the sentence."""
 
     prompt: Prompt
     answer: List[int]
-    targets: Optional[ContrastiveTargets]
+    targets: List[ContrastiveTargets] = field(default_factory=list)
 
     @property
     def ids(self) -> List[int]:
@@ -302,7 +304,7 @@ def make_items(
                     else []
                 )
                 targets = contrastive_targets(prompt, spans, settings.max_negatives, rng, others) if spans else None
-                items.append(TrainingItem(prompt, answer, targets))
+                items.append(TrainingItem(prompt, answer, [] if targets is None else [targets]))
     return items
 
 
@@ -355,14 +357,14 @@ class Batch:
     position_ids: torch.Tensor
     labels: torch.Tensor  # aligned with the kept logits, shifted
     keep: int  # number of trailing positions whose logits are computed (0 = all)
-    targets: List[Optional[ContrastiveTargets]]
+    targets: List[List[ContrastiveTargets]]
 
 
 def collate(items: Sequence[TrainingItem], pad_id: int, device: torch.device, answer_only: bool) -> Batch:
     """Left-pad a micro-batch, so that all answers end at the last position."""
     input_ids, mask = batching.left_pad([item.ids for item in items], pad_id)
     n, width = input_ids.shape
-    targets: List[Optional[ContrastiveTargets]] = []
+    targets: List[List[ContrastiveTargets]] = []
     answer_width = max(len(item.answer) for item in items)
     keep = 0 if not answer_only else answer_width + 1
     label_width = width if keep == 0 else keep
@@ -377,16 +379,7 @@ def collate(items: Sequence[TrainingItem], pad_id: int, device: torch.device, an
         row_labels = torch.full((width,), IGNORE_INDEX, dtype=torch.long)
         row_labels[offset:] = predicted
         labels[row] = row_labels[width - label_width :]
-        target = item.targets
-        targets.append(
-            None
-            if target is None
-            else ContrastiveTargets(
-                anchor=[p + offset for p in target.anchor],
-                positives=[p + offset for p in target.positives],
-                negatives=[p + offset for p in target.negatives],
-            )
-        )
+        targets.append([target.moved(lambda p: p + offset) for target in item.targets])
     positions = batching.positions(mask)
     return Batch(
         input_ids=input_ids.to(device),
@@ -414,7 +407,7 @@ class SharedBatch:
     position_ids: torch.Tensor
     labels: torch.Tensor
     keep: int
-    targets: List[Optional[ContrastiveTargets]]
+    targets: List[List[ContrastiveTargets]]
 
 
 def collate_shared(groups: Sequence[Sequence[TrainingItem]], pad_id: int, device: torch.device) -> SharedBatch:
@@ -430,7 +423,7 @@ def collate_shared(groups: Sequence[Sequence[TrainingItem]], pad_id: int, device
     prefix_w, rest_w = prefix_ids.shape[1], ids.shape[1]
     keep = max(len(item.answer) for item in items) + 1
     labels = torch.full((len(items), keep), IGNORE_INDEX, dtype=torch.long)
-    targets: List[Optional[ContrastiveTargets]] = []
+    targets: List[List[ContrastiveTargets]] = []
     for row, (item, rest) in enumerate(zip(items, rests)):
         answer = torch.tensor(item.answer)
         labels[row, keep - 1 - len(item.answer) : keep - 1] = answer  # position t predicts t + 1
@@ -441,16 +434,7 @@ def collate_shared(groups: Sequence[Sequence[TrainingItem]], pad_id: int, device
                 return prefix_w - n_prefix + p
             return prefix_w + rest_w - len(rest) + p - shared
 
-        target = item.targets
-        targets.append(
-            None
-            if target is None
-            else ContrastiveTargets(
-                anchor=[place(p) for p in target.anchor],
-                positives=[place(p) for p in target.positives],
-                negatives=[place(p) for p in target.negatives],
-            )
-        )
+        targets.append([target.moved(place) for target in item.targets])
     start = prefix_mask.sum(-1)[owner]
     return SharedBatch(
         prefix_ids=prefix_ids.to(device),
@@ -491,6 +475,16 @@ def enable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def contrastive_layer_index(model: Any, settings: TrainingSettings) -> int:
+    """RETURNS (int): The index into `hidden_states` of the contrastive layer of
+        `settings` for a (LoRA-wrapped) Hugging Face causal LM."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not n_layers:
+        layers = decoder_layers(model)
+        n_layers = len(layers) if layers is not None else 1
+    return settings.layer_index(n_layers)
 
 
 class LayerCapture:
@@ -599,7 +593,7 @@ def batch_loss(
     model: Any, batch: Union[Batch, SharedBatch], settings: TrainingSettings, layer: int, norms: Normalizers
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Forward a micro-batch and compute its share of LM loss + lambda * contrastive loss."""
-    use_contrastive = settings.contrastive_weight > 0 and any(t is not None for t in batch.targets)
+    use_contrastive = settings.contrastive_weight > 0 and any(batch.targets)
     logits, hidden = _forward(model, batch, layer if use_contrastive else None, settings.prefix_gradients)
     loss_lm = lm_loss(logits, batch.labels, normalizer=norms.tokens)
     parts = {"lm": float(loss_lm.detach())}

@@ -188,6 +188,8 @@ def test_general_llm_stages_have_their_own_learn_rates_and_cache_folders(tmp_pat
                     llm_tune_learn_rate=1e-4)
     assert quality.llm_tuning(settings, seed=0).learn_rate == 1e-4  # the shot stage
     assert quality.llm_tuning(settings, seed=0, general=True).learn_rate == 3e-4  # the general stage
+    contrastive = dict(settings, llm_tune_contrastive_weight=0.1)  # the shot stage's alone
+    assert [quality.llm_tuning(contrastive, seed=0, general=g).contrastive_weight for g in (False, True)] == [0.1, 0.0]
     folder = quality.general_llm_folder(tmp_path, settings, "music", 250)
     # the shot stage's rate does not change the general adapter: it is reused
     assert quality.general_llm_folder(tmp_path, dict(settings, llm_tune_learn_rate=3e-4), "music", 250) == folder

@@ -108,6 +108,10 @@ def test_speed_benchmark_times_training(speed, tiny_model_path: Path, tmp_path: 
     # same prompts and answers, computed with and without the shared prefix: same loss
     assert runs["shared_label_first"]["losses"]["lm"] == pytest.approx(runs["unshared_label_first"]["losses"]["lm"], rel=1e-4)
     assert "Training, `update()`" in speed_table_of(report)
+    from bench.table import ROOT, speed_description
+
+    report["environment"]["command"] = f"python bench/speed.py --data {ROOT.parent}/shared/data/crossner"
+    assert speed_description(report).endswith("Command: `python bench/speed.py --data ../shared/data/crossner`")
 
 
 def speed_table_of(report):

@@ -202,6 +202,55 @@ def test_items_end_with_the_answer_and_the_end_token(tiny_model_path):
     assert model.lm.tokenizer.decode(item.answer[:-1]) == pairs[0].answer
 
 
+def test_contrastive_targets_mark_each_label_and_its_entities(tiny_model_path):
+    nlp = llm_nlp(tiny_model_path)
+    task, model = nlp.get_pipe("llm").task, nlp.get_pipe("llm")._model
+    examples = as_examples(nlp, gold(nlp)) + as_examples(nlp, [make_doc(nlp, "It rained.", [])])
+    pairs = tuning_pairs(task, examples, random.Random(0), TuningSettings())
+    settings = TuningSettings(contrastive_weight=0.1, contrastive_negatives="other_types")
+    items = tuning_items(model, pairs, settings, random.Random(0))
+    assert [item.prompt.ids for item in items] == [model.encode(pair.prompt) for pair in pairs]
+    decode = lambda item, positions: [model.lm.tokenizer.decode([item.prompt.ids[p]]).strip() for p in positions]
+    obama, paris = items[0].targets  # one group per label with an entity, in the sentence's order
+    label_list = pairs[0].prompt.index("LOCATION, PERSON")  # the first mention: the task's label list
+    assert pairs[0].mentions == {"PERSON": (label_list + 10, label_list + 16),
+                                 "LOCATION": (label_list, label_list + 8)}
+    assert "".join(decode(items[0], obama.anchor)) == "PERSON"
+    assert "".join(decode(items[0], paris.anchor)) == "LOCATION"
+    shared = items[0].prompt.shared_len  # the entities are read in the sentence, not in the examples
+    assert min(obama.positives + paris.positives) >= shared
+    first, *_, last = decode(items[0], obama.positives)
+    assert "Barack Obama".startswith(first) and "Barack Obama".endswith(last)
+    # the other label's entity comes first among the negatives
+    assert obama.negatives[: len(paris.positives)] == paris.positives
+    # only the task's labels count (ORG is not one), and a sentence without entities has no targets
+    assert len(items[2].targets) == 1 and items[3].targets == []
+    assert all(item.targets == [] for item in tuning_items(model, pairs, TuningSettings(), random.Random(0)))
+    # the negatives are sampled apart: the term changes no prompt of a training step
+    stream = [(task, model, example) for example in examples]
+    plain = llm_tuning.step_items(stream, random.Random(0), TuningSettings())
+    contrasted = llm_tuning.step_items(stream, random.Random(0), settings, random.Random(0))
+    assert [item.prompt.ids for item in contrasted] == [item.prompt.ids for item in plain]
+    with pytest.raises(ValueError, match="contrastive_negatives"):
+        TuningSettings(contrastive_negatives="random")
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        TuningSettings(contrastive_weight=-1.0)
+
+
+@pytest.mark.parametrize("prompt_gradients", [True, False])
+def test_contrastive_tuning_lowers_both_losses(tiny_model_path, prompt_gradients, caplog):
+    nlp = llm_nlp(tiny_model_path, max_new_tokens=4)
+    examples = as_examples(nlp, gold(nlp)[:2])
+    settings = TuningSettings(epochs=15, batch_size=2, learn_rate=2e-2, warmup_steps=0, prompt_gradients=prompt_gradients,
+                              contrastive_weight=1.0, contrastive_layer=1, seed=0)
+    with caplog.at_level("INFO", logger="spacy_cllmfs.llm_tuning"):
+        report = tune_llm(nlp, examples, settings=settings)
+    contrastive = [float(line.split("contrastive ")[1].rstrip(")")) for line in caplog.messages if "contrastive" in line]
+    assert len(contrastive) == 15
+    assert contrastive[-1] < 0.5 * contrastive[0]
+    assert report.losses[-1] < 0.5 * report.losses[0]
+
+
 @pytest.mark.parametrize("prompt_gradients", [True, False])
 def test_tuning_teaches_the_answer(tiny_model_path, prompt_gradients):
     nlp = llm_nlp(tiny_model_path, max_new_tokens=120)
@@ -461,9 +510,10 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     assert from_config.exit_code == 0, from_config.output
     assert "Tuned 1 steps on 2 sentences" in from_config.output
     shared = CliRunner().invoke(app, [*args[:4], "--batch-size", "2", "--epochs", "1", "--no-prompt-gradients",
-                                      "--shared-step-examples"])
+                                      "--shared-step-examples", "--contrastive-weight", "0.1"])
     assert shared.exit_code == 0, shared.output
     assert "Tuned 1 steps on 2 sentences (gradients through the sentence and answer only; one set of" in shared.output
+    assert "; contrastive weight 0.1)" in shared.output
     DocBin(docs=docs[2:]).to_disk(tmp_path / "orgs.spacy")  # a corpus of other labels
     general = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general"),
                                        str(tmp_path / "orgs.spacy"), "--size", "1", "--shots", "1"])
@@ -479,6 +529,8 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     assert bad.exit_code == 1 and "no component 'ner'" in bad.output
     negative = CliRunner().invoke(app, args[:4] + ["--examples-shown", "-2"])
     assert negative.exit_code == 1 and "examples_shown must be None or >= 0" in negative.output
+    negative = CliRunner().invoke(app, args[:4] + ["--contrastive-weight", "-1"])
+    assert negative.exit_code == 1 and "contrastive_weight must be >= 0" in negative.output
 
 
 def test_llm_config_cli_takes_labels_and_examples_from_the_shots(tiny_model_path, tmp_path):

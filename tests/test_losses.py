@@ -27,17 +27,17 @@ def test_lm_loss_only_counts_labelled_positions():
 def test_infonce_is_small_when_boundaries_match_the_anchor():
     # position 0 = anchor, 1-2 = positives (same direction), 3-4 = negatives (orthogonal)
     hidden = hidden_with([E1, E1, [2.0, 0.0, 0.0], E2, E3])
-    targets = [ContrastiveTargets(anchor=[0], positives=[1, 2], negatives=[3, 4])]
+    targets = [[ContrastiveTargets(anchor=[0], positives=[1, 2], negatives=[3, 4])]]
     good = contrastive_loss(hidden, targets, temperature=0.1).item()
     assert good == pytest.approx(math.log(1 + 2 * math.exp(-10)), rel=1e-3)
-    swapped = [ContrastiveTargets(anchor=[0], positives=[3, 4], negatives=[1, 2])]
+    swapped = [[ContrastiveTargets(anchor=[0], positives=[3, 4], negatives=[1, 2])]]
     bad = contrastive_loss(hidden, swapped, temperature=0.1).item()
     assert bad == pytest.approx(-math.log(math.exp(0) / (math.exp(0) + 2 * math.exp(10))), rel=1e-4)
 
 
 def test_infonce_matches_the_formula_with_a_mean_anchor():
     hidden = hidden_with([E1, E2, [1.0, 1.0, 0.0], E3, [1.0, 0.0, 1.0]])
-    targets = [ContrastiveTargets(anchor=[0, 1], positives=[2], negatives=[3, 4])]
+    targets = [[ContrastiveTargets(anchor=[0, 1], positives=[2], negatives=[3, 4])]]
     anchor = F.normalize(torch.tensor([0.5, 0.5, 0.0]), dim=0)
     sim = lambda v: float(F.normalize(torch.tensor(v), dim=0) @ anchor)  # noqa: E731
     t = 0.5
@@ -52,7 +52,7 @@ def test_centering_removes_a_shared_direction():
     common = torch.tensor([10.0, 0.0, 0.0, 0.0])
     vectors = [[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
     hidden = (torch.tensor(vectors) + common).unsqueeze(0)
-    targets = [ContrastiveTargets(anchor=[0], positives=[1], negatives=[2, 3])]
+    targets = [[ContrastiveTargets(anchor=[0], positives=[1], negatives=[2, 3])]]
     plain = contrastive_loss(hidden, targets, temperature=0.1).item()
     centered = contrastive_loss(hidden, targets, temperature=0.1, center=True).item()
     assert plain == pytest.approx(math.log(3), abs=0.1)  # all cosines ~1: no signal
@@ -68,7 +68,7 @@ def test_centering_removes_a_shared_direction():
 
 def test_pairwise_loss_as_in_baner():
     hidden = hidden_with([E1, E1, E1, E2, E2])
-    targets = [ContrastiveTargets(anchor=[0], positives=[1, 2], negatives=[3, 4])]
+    targets = [[ContrastiveTargets(anchor=[0], positives=[1, 2], negatives=[3, 4])]]
     value = contrastive_loss(hidden, targets, kind="pairwise").item()
     assert value == pytest.approx(-math.log(1 / (1 + math.exp(-2.0))), rel=1e-5)
     with pytest.raises(ValueError, match="Unknown contrastive loss"):
@@ -77,12 +77,12 @@ def test_pairwise_loss_as_in_baner():
 
 def test_rows_without_targets_are_skipped_and_gradients_flow():
     hidden = torch.randn(3, 5, 4, requires_grad=True)
-    targets = [None, ContrastiveTargets(anchor=[0], positives=[1], negatives=[2, 3]), None]
+    targets = [[], [ContrastiveTargets(anchor=[0], positives=[1], negatives=[2, 3])], []]
     loss = contrastive_loss(hidden, targets)
     loss.backward()
     assert hidden.grad[0].abs().sum() == 0 and hidden.grad[2].abs().sum() == 0
     assert hidden.grad[1, :4].abs().sum() > 0 and hidden.grad[1, 4].abs().sum() == 0
-    assert contrastive_loss(hidden, [None, None, None]).item() == 0.0
+    assert contrastive_loss(hidden, [[], [], []]).item() == 0.0
 
 
 def test_fgm_delta_has_norm_epsilon_per_sequence():

@@ -103,9 +103,11 @@ def test_general_adapter_then_few_shot(project_dir, tiny_model_path):
 
 def test_llm_workflow_tunes_and_evaluates_the_spacy_llm_pipeline(project_dir, tiny_model_path):
     result = run_project(project_dir, tiny_model_path, "llm", llm_epochs=1, llm_max_new_tokens=16,
-                         llm_prompt_gradients="no-prompt-gradients", llm_step_examples="shared-step-examples")
+                         llm_prompt_gradients="no-prompt-gradients", llm_step_examples="shared-step-examples",
+                         llm_contrastive_weight=0.1)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "gradients through the sentence and answer only; one set of examples per step" in result.stdout
+    assert ("gradients through the sentence and answer only; one set of examples per step; contrastive weight 0.1"
+            in result.stdout)
     run = project_dir / "training" / "llm-mini-k1-s0"
     assert (run / "llm.cfg").exists() and (run / "examples.json").exists()
     assert "Tuned " in result.stdout and "kept step" in result.stdout

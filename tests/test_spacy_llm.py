@@ -251,6 +251,21 @@ def test_prompts_use_the_chat_template(lm):
     ]
 
 
+@pytest.mark.parametrize("model", [{"system_prompt": "Be brief."}, {"use_chat_template": False, "system_prompt": "Hi"}])
+def test_encode_offsets_maps_tokens_to_the_prompt(lm, model, monkeypatch):
+    served = SpacyLLMModel(lm, **model)
+    prompt = "Paragraph: Barack Obama visited Paris.\nAnswer:"
+    ids, offsets = served.encode_offsets(prompt)
+    assert ids == served.encode(prompt)
+    inside = [(i, span) for i, span in enumerate(offsets) if span is not None]
+    assert len(inside) < len(ids)  # the template's tokens lie outside the prompt
+    assert "".join(lm.tokenizer.decode([ids[i]]) for i, _ in inside) == prompt
+    assert all(prompt[start:end].strip() == lm.tokenizer.decode([ids[i]]).strip() for i, (start, end) in inside)
+    monkeypatch.setattr(type(lm.tokenizer), "is_fast", False, raising=False)
+    with pytest.raises(TypeError, match="fast tokenizer"):
+        served.encode_offsets(prompt)
+
+
 def test_end_id_follows_the_chat_template(lm):
     from transformers import AutoTokenizer
 

@@ -79,7 +79,7 @@ def test_training_prompts_answers_and_negatives(tiny_model_config):
     assert answers[4] == "<|im_end|>"  # no location in sentence 2
     ner.training.negatives_per_positive = 0.0
     positives = ner.training_items(examples)
-    assert len(positives) == 6 and all(item.targets is not None for item in positives)
+    assert len(positives) == 6 and all(len(item.targets) == 1 for item in positives)
     # the default: one empty prompt per positive one, and one for a sentence without entities
     ner.training.negatives_per_positive = 1.0
     items = ner.training_items(examples)
@@ -162,7 +162,7 @@ def test_other_type_entities_are_the_first_negatives(tiny_model_config):
     # make_items passes the window's other entities with this setting, not without it
     items = ner.training_items([examples[1]])
     person = next(item for item in items if item.prompt.label == "person")
-    assert ws[6][0] in person.targets.negatives[:2]
+    assert ws[6][0] in person.targets[0].negatives[:2]
     with pytest.raises(ValueError, match="contrastive_negatives"):
         TrainingSettings(contrastive_negatives="random")
 
@@ -180,8 +180,8 @@ def test_collate_left_pads_and_aligns_labels(tiny_model_config):
         wanted = [t for t in batch.labels[row].tolist() if t != IGNORE_INDEX]
         assert wanted == item.answer
         offset = width - len(item.ids)
-        if item.targets is not None:
-            assert batch.targets[row].positives == [p + offset for p in item.targets.positives]
+        assert [t.positives for t in batch.targets[row]] == [[p + offset for p in t.positives] for t in item.targets]
+    assert any(batch.targets)
     full = collate(items, pad_id=0, device=torch.device("cpu"), answer_only=False)
     assert full.keep == 0 and full.labels.shape == full.input_ids.shape
 
