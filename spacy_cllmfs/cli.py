@@ -224,6 +224,13 @@ def llm_config_cli(
     typer.echo(f"Wrote {output_dir / 'llm.cfg'} ({len(labels)} labels) and {n_examples} examples to {examples}")
 
 
+CONTRASTIVE_WEIGHT_OPTION = typer.Option(
+    0.0, "--contrastive-weight",
+    help="Weight of the boundary contrastive loss (anchor: a label's name in the prompt; positives: the first "
+         "and last tokens of its entities in the sentence); 0 turns it off.",
+)
+
+
 @app.command("tune-llm")
 def tune_llm_cli(
     pipeline: Path = typer.Argument(..., help="An `llm` pipeline: a config file (.cfg) or a pipeline folder."),
@@ -247,11 +254,7 @@ def tune_llm_cli(
         help="Ask a step's sentences with the same examples (none of theirs), one shared prompt per step: with "
              "--no-prompt-gradients, about batch-size times less prompt to compute.",
     ),
-    contrastive_weight: float = typer.Option(
-        0.0, "--contrastive-weight",
-        help="Weight of the boundary contrastive loss (anchor: a label's name in the prompt; positives: the first "
-             "and last tokens of its entities in the sentence); 0 turns it off.",
-    ),
+    contrastive_weight: float = CONTRASTIVE_WEIGHT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed for the order of sentences and examples."),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
 ) -> None:
@@ -305,6 +308,7 @@ def tune_llm_general_cli(
     prompt_gradients: bool = typer.Option(
         True, "--prompt-gradients/--no-prompt-gradients", help="Train through the whole prompt (see tune-llm)."
     ),
+    contrastive_weight: float = CONTRASTIVE_WEIGHT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the mix, the shots and the order."),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="CUDA device for the model; -1 keeps the config's device."),
     definitions: str = typer.Option(
@@ -322,13 +326,15 @@ def tune_llm_general_cli(
         _check_excluded(corpora, exclude)
         nlp = _load_llm_pipeline(pipeline, component, gpu_id)
         settings = TuningSettings(epochs=epochs, batch_size=batch_size, learn_rate=learn_rate,
-                                  examples_shown=examples_shown, prompt_gradients=prompt_gradients, seed=seed)
+                                  examples_shown=examples_shown, prompt_gradients=prompt_gradients,
+                                  contrastive_weight=contrastive_weight, seed=seed)
         docs = {str(path): _load_corpus(path, nlp.vocab) for path in corpora}
         report = tune_llm_general(llm_model_of(nlp, component)[1], docs, mix=GeneralMix(size, shots, seed),
                                   settings=settings, definitions=definitions)
         embed_in_pipeline(nlp, component)
         save_pipeline(nlp, output_path, ".tuning")
     taken = ", ".join(f"{path} {n}" for path, n in report.sources.items())
+    taken += f"; contrastive weight {contrastive_weight:g}" if contrastive_weight > 0 else ""
     typer.echo(
         f"Tuned the general adapter {len(report.losses)} steps on {sum(report.sources.values())} sentences "
         f"({taken}): loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}. Wrote {output_path}; "

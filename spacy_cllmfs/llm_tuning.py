@@ -40,7 +40,7 @@ from spacy.training import Example
 
 from .batching import common_prefix_length
 from .labels import check_definition_style
-from .losses import CONTRASTIVE_NEGATIVES, ContrastiveTargets
+from .losses import ContrastiveTargets
 from .loop import evaluation_steps
 from .memory import release_memory
 from .mixing import mix_picks
@@ -48,7 +48,14 @@ from .prompts import Prompt
 from .sampling import greedy_k_shot, label_counts
 from .seeding import seeded_torch
 from .spacy_llm import MODEL_NAME, SpacyLLMModel, ner_v3_pipeline
-from .training import TrainingItem, TrainingSettings, accumulate, contrastive_layer_index, contrastive_targets
+from .training import (
+    TrainingItem,
+    TrainingSettings,
+    accumulate,
+    contrastive_checks,
+    contrastive_layer_index,
+    contrastive_targets,
+)
 
 logger = logging.getLogger("spacy_cllmfs.llm_tuning")
 
@@ -120,10 +127,7 @@ class TuningSettings:
             (not self.shared_step_examples or self.micro_batch_size >= self.batch_size,
              "shared_step_examples computes a step's shared prompt once only if the step is one micro-batch: "
              f"set micro_batch_size >= batch_size ({self.batch_size}), or shared_step_examples = False"),
-            (self.contrastive_weight >= 0, "contrastive_weight must be >= 0"),
-            (self.contrastive_layer != 0, "contrastive_layer 0 is the embedding layer; use 1..n_layers"),
-            (self.contrastive_negatives in CONTRASTIVE_NEGATIVES,
-             f"contrastive_negatives must be one of {CONTRASTIVE_NEGATIVES}"),
+            *contrastive_checks(self.contrastive_weight, self.contrastive_layer, self.contrastive_negatives),
         ]
         for ok, message in checks:
             if not ok:
@@ -289,7 +293,7 @@ def tuning_items(
     one group of contrastive targets per label with entities in its sentence
     (`rng` samples their other negatives)."""
     tokenizer = model.lm.tokenizer
-    contrastive = settings is not None and settings.contrastive_weight > 0
+    contrastive = settings if settings is not None and settings.contrastive_weight > 0 else None
     items: List[TrainingItem] = []
     for pair in pairs:
         ids, offsets = model.encode_offsets(pair.prompt) if contrastive else (model.encode(pair.prompt), [])
@@ -299,8 +303,7 @@ def tuning_items(
             head = model.encode(pair.prompt[: pair.sentence_at])
             shared = max(1, min(shared, common_prefix_length(ids, head)))
         prompt = Prompt(ids=ids, label="", shared_len=shared, word_spans=[], label_positions=[])
-        targets = (pair_targets(pair, prompt, offsets, settings, rng or random.Random(0))
-                   if contrastive and settings is not None else [])
+        targets = pair_targets(pair, prompt, offsets, contrastive, rng or random.Random(0)) if contrastive else []
         items.append(TrainingItem(prompt, answer, targets))
     return items
 

@@ -39,6 +39,16 @@ from .negatives import NEGATIVE_SAMPLING, LabelCooccurrence, choose_negatives, n
 from .prompts import Prompt, PromptBuilder
 
 
+def contrastive_checks(weight: float, layer: Optional[int], negatives: str) -> List[Tuple[bool, str]]:
+    """The checks of the contrastive settings that `TrainingSettings` and
+    `llm_tuning.TuningSettings` share, as (passed, message) pairs."""
+    return [
+        (weight >= 0, "contrastive_weight must be >= 0"),
+        (layer != 0, "contrastive_layer 0 is the embedding layer; use 1..n_layers"),
+        (negatives in CONTRASTIVE_NEGATIVES, f"contrastive_negatives must be one of {CONTRASTIVE_NEGATIVES}"),
+    ]
+
+
 @dataclass
 class TrainingSettings:
     """How `update` trains the adapter.
@@ -101,14 +111,10 @@ class TrainingSettings:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.contrastive_weight >= 0, "contrastive_weight must be >= 0"),
+            *contrastive_checks(self.contrastive_weight, self.contrastive_layer, self.contrastive_negatives),
             (self.contrastive_loss in CONTRASTIVE_LOSSES, f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.max_negatives >= 1, "max_negatives must be >= 1"),
-            (
-                self.contrastive_negatives in CONTRASTIVE_NEGATIVES,
-                f"contrastive_negatives must be one of {CONTRASTIVE_NEGATIVES}",
-            ),
             (
                 self.negatives_per_positive is None or self.negatives_per_positive >= 0,
                 "negatives_per_positive must be >= 0 (or null for every absent label)",
@@ -116,7 +122,6 @@ class TrainingSettings:
             (self.negative_sampling in NEGATIVE_SAMPLING, f"negative_sampling must be one of {NEGATIVE_SAMPLING}"),
             (self.fgm_epsilon >= 0, "fgm_epsilon must be >= 0"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-            (self.contrastive_layer != 0, "contrastive_layer 0 is the embedding layer; use 1..n_layers"),
         ]
         for ok, message in checks:
             if not ok:

@@ -235,6 +235,8 @@ def test_contrastive_targets_mark_each_label_and_its_entities(tiny_model_path):
         TuningSettings(contrastive_negatives="random")
     with pytest.raises(ValueError, match="contrastive_weight"):
         TuningSettings(contrastive_weight=-1.0)
+    with pytest.raises(ValueError, match="tune_llm settings: contrastive_layer 0 is the embedding layer"):
+        TuningSettings(contrastive_layer=0)
 
 
 @pytest.mark.parametrize("prompt_gradients", [True, False])
@@ -484,7 +486,7 @@ def test_a_tuned_adapter_is_saved_with_the_pipeline(tiny_model_path, tmp_path):
     assert reloaded(text).user_data["llm_io"]["llm"]["response"] == nlp(text).user_data["llm_io"]["llm"]["response"]
 
 
-def test_tune_llm_cli(tiny_model_path, tmp_path):
+def test_tune_llm_cli(tiny_model_path, tmp_path, caplog):
     from spacy.tokens import DocBin
     from typer.testing import CliRunner
 
@@ -515,16 +517,23 @@ def test_tune_llm_cli(tiny_model_path, tmp_path):
     assert "Tuned 1 steps on 2 sentences (gradients through the sentence and answer only; one set of" in shared.output
     assert "; contrastive weight 0.1)" in shared.output
     DocBin(docs=docs[2:]).to_disk(tmp_path / "orgs.spacy")  # a corpus of other labels
-    general = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general"),
-                                       str(tmp_path / "orgs.spacy"), "--size", "1", "--shots", "1"])
+    with caplog.at_level("INFO", logger="spacy_cllmfs.llm_tuning"):
+        general = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general"),
+                                           str(tmp_path / "orgs.spacy"), "--size", "1", "--shots", "1",
+                                           "--contrastive-weight", "0.5"])
     assert general.exit_code == 0, general.output
     assert "Tuned the general adapter 1 steps on 1 sentences" in general.output
+    assert "; contrastive weight 0.5): loss" in general.output
+    assert any("step 1/1 loss" in line and "(contrastive " in line for line in caplog.messages)  # the term ran
     assert adapter_weights(spacy.load(tmp_path / "general"))  # saved with the pipeline
     further = CliRunner().invoke(app, ["tune-llm", str(tmp_path / "general"), *args[2:4], "--epochs", "1"])
     assert further.exit_code == 0, further.output
     leak = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general2"),
                                     str(tmp_path / "train.spacy"), "--exclude", str(tmp_path / "train.spacy")])
     assert leak.exit_code == 1 and "is excluded from the mix" in leak.output
+    negative = CliRunner().invoke(app, ["tune-llm-general", str(tmp_path / "pipeline"), str(tmp_path / "general3"),
+                                        str(tmp_path / "orgs.spacy"), "--contrastive-weight", "-1"])
+    assert negative.exit_code == 1 and "contrastive_weight must be >= 0" in negative.output
     bad = CliRunner().invoke(app, args[:4] + ["--component", "ner"])
     assert bad.exit_code == 1 and "no component 'ner'" in bad.output
     negative = CliRunner().invoke(app, args[:4] + ["--examples-shown", "-2"])

@@ -259,7 +259,7 @@ def test_fgm_adds_an_adversarial_pass(tiny_model_config):
 
 def test_bad_training_settings():
     for bad in ({"negatives_per_positive": -1.0}, {"negative_sampling": "hard"}, {"temperature": 0.0}, {"contrastive_loss": "x"},
-                {"micro_batch_size": 0}, {"contrastive_layer": 0}):
+                {"micro_batch_size": 0}, {"contrastive_layer": 0}, {"contrastive_weight": -1.0}):
         with pytest.raises(ValueError, match="training settings"):
             TrainingSettings(**bad)
     assert TrainingSettings().layer_index(32) == 24
