@@ -30,7 +30,9 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
   cllmfs_general   cllmfs_ner first trained on a general mix: CoNLL-2003 plus the CrossNER
                    domains other than the target (`general_size` sentences, each prompted
                    with its own corpus's labels), then few-shot; `extra_general_sizes`
-                   adds runs at other mix sizes (the size sweep)
+                   adds runs at other mix sizes (the size sweep); `general_conll` false
+                   leaves CoNLL-2003 out of the mix (its generic PER and MISC), for both
+                   general systems
   cllmfs_sentence_first  cllmfs with the sentence-first template (spacy_cllmfs.prompt.v2)
   cllmfs_examples  cllmfs with worked examples in the prompt (spacy_cllmfs.prompt.v3: per label,
                    2 shot sentences with their answers; a sentence never shows itself)
@@ -136,6 +138,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 200, "source_epochs": 1,
         "general_size": 250, "extra_general_sizes": {"politics": [100, 500, 1000]}, "general_epochs": 1,
+        "general_conll": True,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
@@ -151,6 +154,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 500, "source_epochs": 1,
         "general_size": 1000, "extra_general_sizes": {"politics": [250, 500]}, "general_epochs": 1,
+        "general_conll": True,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
@@ -165,6 +169,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 2000, "source_epochs": 2,
         "general_size": 4000, "extra_general_sizes": {"politics": [1000]}, "general_epochs": 2,
+        "general_conll": True,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
@@ -432,18 +437,28 @@ class Run(NamedTuple):
         return key if self.size is None else f"{key}|n{self.size}"
 
 
-def general_sources(data: Path, target: str, vocab: Any) -> List[Tuple[str, List[Doc]]]:
-    """The corpora of the general mix for a target domain: CoNLL-2003 and the CrossNER
-    domains other than `target` (nothing of the target leaks), with their train docs."""
-    names = ["conll2003"] + [d for d in DOMAINS if d != target and (data / d).exists()]
+def general_sources(data: Path, target: str, vocab: Any, conll: bool = True) -> List[Tuple[str, List[Doc]]]:
+    """The corpora of the general mix for a target domain: CoNLL-2003 (unless `conll` is
+    False) and the CrossNER domains other than `target` (nothing of the target leaks),
+    with their train docs."""
+    names = (["conll2003"] if conll else []) + [d for d in DOMAINS if d != target and (data / d).exists()]
     return [(name, read_conll(data / name / "train.txt", vocab)) for name in names]
 
 
-def general_docs(data: Path, target: str, size: int, vocab: Any) -> List[Doc]:
+def general_docs(data: Path, target: str, size: int, vocab: Any, conll: bool = True) -> List[Doc]:
     """The general NER mix for a target domain (`spacy_cllmfs.mixing.mix_corpora`):
     `size` training sentences with entities from `general_sources`, an equal share per
-    source and CoNLL-2003 filling the rest, each Doc declaring its own corpus's labels."""
-    return mix_corpora([docs for _, docs in general_sources(data, target, vocab)], size, fill=0, seed=0)
+    source and the first (CoNLL-2003) filling the rest, each Doc declaring its own
+    corpus's labels."""
+    sources = general_sources(data, target, vocab, conll=conll)
+    return mix_corpora([docs for _, docs in sources], size, fill=0, seed=0)
+
+
+def general_mix_choice(settings: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    """What `general_conll` adds to a general adapter's recipe and to its folder's name:
+    nothing when the mix holds CoNLL-2003 (the recipes and folders of old, so that their
+    caches stay valid), else `conll: false` and "-noconll"."""
+    return ({}, "") if settings["general_conll"] else ({"conll": False}, "-noconll")
 
 
 def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], target: str,
@@ -458,7 +473,7 @@ def general_llm_adapter(args: argparse.Namespace, settings: Dict[str, Any], targ
     recipe = general_llm_recipe(settings, target, size)
 
     def train() -> Tuple[AdapterState, Dict[str, Any]]:  # trained from the recipe it is saved with
-        corpora = dict(general_sources(args.data, target, spacy.blank("en").vocab))
+        corpora = dict(general_sources(args.data, target, spacy.blank("en").vocab, conll=settings["general_conll"]))
         lm: HFCausalLM = _PRELOADED["lm"]
         lm.reset_adapter()
         print(f"Training the general spacy-llm adapter for {target} on {size} sentences of {list(corpora)}",
@@ -487,7 +502,7 @@ def general_llm_recipe(settings: Dict[str, Any], target: str, size: int) -> Dict
     mix = GeneralMix(size, settings["shots"][0])
     style = non_plain_definitions(settings)
     styled = {} if style is None else {"definitions": style}
-    return adapter_recipe(settings, target=target, mix=asdict(mix),
+    return adapter_recipe(settings, target=target, mix=asdict(mix), **general_mix_choice(settings)[0],
                           tuning=asdict(llm_tuning(settings, seed=0, general=True)), **styled)
 
 
@@ -519,7 +534,8 @@ def general_llm_folder(work: Path, settings: Dict[str, Any], target: str, size: 
     styled = "" if style is None else f"-{style}"
     return work / (f"general-llm-{settings['model_tag']}-{settings['dtype']}-{target}-n{size}"
                    f"-e{settings['llm_general_epochs']}-x{settings['llm_general_examples_shown']}"
-                   f"-k{settings['shots'][0]}-lr{settings['llm_general_learn_rate']:g}{grads}{styled}")
+                   f"-k{settings['shots'][0]}-lr{settings['llm_general_learn_rate']:g}{grads}{styled}"
+                   f"{general_mix_choice(settings)[1]}")
 
 
 def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Language, target: str,
@@ -529,16 +545,22 @@ def general_adapter(args: argparse.Namespace, settings: Dict[str, Any], nlp: Lan
     RETURNS (Tuple[AdapterState, Dict[str, Any]]): The adapter and how it was trained.
     """
     def train() -> Tuple[AdapterState, Dict[str, Any]]:
-        docs = general_docs(args.data, target, size, nlp.vocab)
+        docs = general_docs(args.data, target, size, nlp.vocab, conll=settings["general_conll"])
         labels = sorted({ent.label_ for doc in docs for ent in doc.ents})
         print(f"Training the general adapter for {target} on {len(docs)} sentences ({labels})", flush=True)
         info = train_cllmfs(nlp, docs, labels, settings["general_epochs"], settings, None, seed=0)
         info.update(sentences=len(docs), labels=labels)
         return nlp.get_pipe("cllmfs_ner").model.adapter_state(), info
 
-    recipe = cllmfs_recipe(settings, nlp, target=target, size=size, epochs=settings["general_epochs"])
-    folder = args.work / f"general-{settings['model_tag']}-{target}-n{size}-e{settings['general_epochs']}"
-    return cached_adapter(folder, recipe, train)
+    recipe = cllmfs_recipe(settings, nlp, target=target, size=size, epochs=settings["general_epochs"],
+                           **general_mix_choice(settings)[0])
+    return cached_adapter(general_folder(args.work, settings, target, size), recipe, train)
+
+
+def general_folder(work: Path, settings: Dict[str, Any], target: str, size: int) -> Path:
+    """Where `general_adapter` keeps the general adapter of cllmfs_general."""
+    return work / (f"general-{settings['model_tag']}-{target}-n{size}-e{settings['general_epochs']}"
+                   f"{general_mix_choice(settings)[1]}")
 
 
 def general_size(settings: Dict[str, Any], system: str) -> Optional[int]:

@@ -127,6 +127,28 @@ def test_general_mix_leaves_the_target_out_and_declares_labels(tmp_path):
     assert len(small) == 6 and small.count(conll) == 4
 
 
+def test_a_general_mix_without_conll_has_its_own_data_and_adapters(tmp_path):
+    data = make_data(tmp_path)
+    vocab = quality.spacy.blank("en").vocab
+    assert [name for name, _ in quality.general_sources(data, "politics", vocab)] == ["conll2003", "music"]
+    assert [name for name, _ in quality.general_sources(data, "politics", vocab, conll=False)] == ["music"]
+    docs = quality.general_docs(data, "politics", 4, vocab, conll=False)
+    music = {e.label_ for d in quality.read_conll(data / "music" / "train.txt", vocab) for e in d.ents}
+    # music alone fills the mix, up to its 3 sentences with entities: no CoNLL-2003 label
+    assert len(docs) == 3 and all(set(annotated_labels(doc)) == music for doc in docs)
+    assert all(ent.label_ in music for doc in docs for ent in doc.ents)
+    settings = dict(quality.PROFILES["cpu-real"], model_tag="m", dtype="bfloat16", shots=[5])
+    without = dict(settings, general_conll=False)
+    # the default keeps the folders and recipes of old (cached adapters stay valid) ...
+    assert quality.general_folder(tmp_path, settings, "music", 250).name == "general-m-music-n250-e1"
+    assert quality.general_llm_folder(tmp_path, settings, "music", 250).name.endswith("-lr0.0003")
+    assert "conll" not in quality.general_llm_recipe(settings, "music", 250)
+    # ... and a mix without CoNLL-2003 trains adapters of its own, never mixed up with them
+    assert quality.general_folder(tmp_path, without, "music", 250).name == "general-m-music-n250-e1-noconll"
+    assert quality.general_llm_folder(tmp_path, without, "music", 250).name.endswith("-lr0.0003-noconll")
+    assert quality.general_llm_recipe(without, "music", 250)["conll"] is False
+
+
 def test_runs_are_planned_most_important_first():
     settings = {"shots": [5, 20], "seeds": [0], "extra_seeds": {"politics": [1]}, "extra_shots": {},
                 "general_size": 500, "extra_general_sizes": {"politics": [250, 1000]}}
