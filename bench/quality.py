@@ -442,6 +442,11 @@ def general_sources(data: Path, target: str, vocab: Any, conll: bool = True) -> 
     False) and the CrossNER domains other than `target` (nothing of the target leaks),
     with their train docs."""
     names = (["conll2003"] if conll else []) + [d for d in DOMAINS if d != target and (data / d).exists()]
+    if not names:
+        raise ValueError(
+            f"No general NER corpus for '{target}': general_conll is false and {data} holds no CrossNER "
+            f"domain other than '{target}'. Fix: --set general_conll=true, or add another domain's folder."
+        )
     return [(name, read_conll(data / name / "train.txt", vocab)) for name in names]
 
 

@@ -147,6 +147,10 @@ def test_a_general_mix_without_conll_has_its_own_data_and_adapters(tmp_path):
     assert quality.general_folder(tmp_path, without, "music", 250).name == "general-m-music-n250-e1-noconll"
     assert quality.general_llm_folder(tmp_path, without, "music", 250).name.endswith("-lr0.0003-noconll")
     assert quality.general_llm_recipe(without, "music", 250)["conll"] is False
+    # without CoNLL-2003 and without another domain, the error names the setting to change
+    shutil.rmtree(data / "politics")
+    with pytest.raises(ValueError, match="general_conll"):
+        quality.general_docs(data, "music", 4, vocab, conll=False)
 
 
 def test_runs_are_planned_most_important_first():
