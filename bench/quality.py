@@ -453,8 +453,8 @@ def general_sources(data: Path, target: str, vocab: Any, conll: bool = True) -> 
 def general_docs(data: Path, target: str, size: int, vocab: Any, conll: bool = True) -> List[Doc]:
     """The general NER mix for a target domain (`spacy_cllmfs.mixing.mix_corpora`):
     `size` training sentences with entities from `general_sources`, an equal share per
-    source and the first (CoNLL-2003) filling the rest, each Doc declaring its own
-    corpus's labels."""
+    source and the first (CoNLL-2003, or with `conll` False the first other domain)
+    filling the rest, each Doc declaring its own corpus's labels."""
     sources = general_sources(data, target, vocab, conll=conll)
     return mix_corpora([docs for _, docs in sources], size, fill=0, seed=0)
 
