@@ -159,15 +159,23 @@ def describe(results: Dict[str, Any]) -> str:
     shown = "Command: " if len(commands) == 1 else "Commands (one matrix, resumed): "
     wall = sum(run.get("wall_s", 0.0) for run in results["runs"].values())
     superseded = results.get("superseded", {})
-    kept = (f". The file also keeps {len(superseded)} superseded run(s), not in the table: "
+    kept = (f". The file also keeps {count(len(superseded), 'superseded run')}, not in the table: "
             + "; ".join(f"{key} ({run.get('superseded')})" for key, run in superseded.items()) + "."
             ) if superseded else ""
     loads = [run["load_average_at_start"][0] for run in results["runs"].values() if run.get("load_average_at_start")]
-    load = (f" (1-min load average at the start of the {len(loads)} run(s) that recorded it: "
-            f"{min(loads):.1f} to {max(loads):.1f})") if loads else ""
-    return (f"Model `{settings.get('model')}`, {where}, {len(results['runs'])} runs, sum of their measured "
-            f"wall times {wall / 60:.0f} min{load}.{changed_settings(results)} {shown}"
+    load = ""
+    if loads:
+        low, high = f"{min(loads):.1f}", f"{max(loads):.1f}"
+        load = (f" (1-min load average at the start of the {count(len(loads), 'run')} that recorded it: "
+                f"{low if low == high else f'{low} to {high}'})")
+    return (f"Model `{settings.get('model')}`, {where}, {count(len(results['runs']), 'run')}, sum of their "
+            f"measured wall times {wall / 60:.0f} min{load}.{changed_settings(results)} {shown}"
             + "; ".join(f"`{c}`" for c in commands) + kept)
+
+
+def count(number: int, noun: str) -> str:
+    """"1 run", "3 runs": a count with its noun in the right number."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def changed_settings(results: Dict[str, Any]) -> str:
