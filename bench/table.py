@@ -168,8 +168,9 @@ def describe(results: Dict[str, Any]) -> str:
         low, high = f"{min(loads):.1f}", f"{max(loads):.1f}"
         load = (f" (1-min load average at the start of the {count(len(loads), 'run')} that recorded it: "
                 f"{low if low == high else f'{low} to {high}'})")
-    return (f"Model `{settings.get('model')}`, {where}, {count(len(results['runs']), 'run')}, sum of their "
-            f"measured wall times {wall / 60:.0f} min{load}.{changed_settings(results)} {shown}"
+    walls = "measured wall time" if len(results["runs"]) == 1 else "sum of their measured wall times"
+    return (f"Model `{settings.get('model')}`, {where}, {count(len(results['runs']), 'run')}, {walls} "
+            f"{wall / 60:.0f} min{load}.{changed_settings(results)} {shown}"
             + "; ".join(f"`{c}`" for c in commands) + kept)
 
 
