@@ -157,19 +157,20 @@ def describe(results: Dict[str, Any]) -> str:
     ))
     commands = [relative_paths(c) for c in results.get("commands") or [results.get("command")]]
     shown = "Command: " if len(commands) == 1 else "Commands (one matrix, resumed): "
-    wall = sum(run.get("wall_s", 0.0) for run in results["runs"].values())
+    runs = results["runs"]
+    wall = sum(run.get("wall_s", 0.0) for run in runs.values())
     superseded = results.get("superseded", {})
     kept = (f". The file also keeps {count(len(superseded), 'superseded run')}, not in the table: "
             + "; ".join(f"{key} ({run.get('superseded')})" for key, run in superseded.items()) + "."
             ) if superseded else ""
-    loads = [run["load_average_at_start"][0] for run in results["runs"].values() if run.get("load_average_at_start")]
+    loads = [run["load_average_at_start"][0] for run in runs.values() if run.get("load_average_at_start")]
     load = ""
     if loads:
         low, high = f"{min(loads):.1f}", f"{max(loads):.1f}"
         load = (f" (1-min load average at the start of the {count(len(loads), 'run')} that recorded it: "
                 f"{low if low == high else f'{low} to {high}'})")
-    walls = "measured wall time" if len(results["runs"]) == 1 else "sum of their measured wall times"
-    return (f"Model `{settings.get('model')}`, {where}, {count(len(results['runs']), 'run')}, {walls} "
+    walls = "measured wall time" if len(runs) == 1 else "sum of their measured wall times"
+    return (f"Model `{settings.get('model')}`, {where}, {count(len(runs), 'run')}, {walls} "
             f"{wall / 60:.0f} min{load}.{changed_settings(results)} {shown}"
             + "; ".join(f"`{c}`" for c in commands) + kept)
 
