@@ -27,12 +27,12 @@ Systems (all on the same K-shot training sets and, where they use one, the same 
   cllmfs_lora      cllmfs_ner, LoRA only (contrastive_weight = 0)
   cllmfs           cllmfs_ner, LoRA + contrastive loss (the default)
   cllmfs_transfer  cllmfs_ner first trained on a CoNLL-2003 subset (once, reused), then few-shot
-  cllmfs_general   cllmfs_ner first trained on a general mix: CoNLL-2003 plus the CrossNER
-                   domains other than the target (`general_size` sentences, each prompted
-                   with its own corpus's labels), then few-shot; `extra_general_sizes`
-                   adds runs at other mix sizes (the size sweep); `general_conll` false
-                   leaves CoNLL-2003 out of the mix (its generic PER and MISC), for both
-                   general systems
+  cllmfs_general   cllmfs_ner first trained on a general mix: the CrossNER domains other
+                   than the target (`general_size` sentences, each prompted with its own
+                   corpus's labels), then few-shot; `extra_general_sizes` adds runs at
+                   other mix sizes (the size sweep); `general_conll` true adds CoNLL-2003
+                   to the mix of both general systems (the default until 2026-12-07; its
+                   generic PER took the domains' person types, see the README)
   cllmfs_sentence_first  cllmfs with the sentence-first template (spacy_cllmfs.prompt.v2)
   cllmfs_examples  cllmfs with worked examples in the prompt (spacy_cllmfs.prompt.v3: per label,
                    2 shot sentences with their answers; a sentence never shows itself)
@@ -61,6 +61,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -126,6 +127,10 @@ SYSTEM_NAMES = {
     "cllmfs_other_types": "cllmfs_ner, contrastive, other-type negatives",
 }
 DOMAINS = ("politics", "science", "music", "literature")
+# what a results file written before a setting existed ran with, where that is not the
+# setting's default today (general_conll was true until 2026-12-07)
+SETTINGS_BEFORE_RECORDED: Dict[str, Any] = {"general_conll": True}
+GENERAL_SYSTEMS = ("cllmfs_general", "spacy_llm_general")
 # GLiNER-L zero-shot F1 as published (Zaratiana et al., 2023); its weights are not reachable here
 GLINER_PUBLISHED = {"politics": 72.6, "science": 62.6, "music": 69.6, "literature": 64.4}
 DEFAULT_PROFILE = "cpu-smoke"
@@ -138,7 +143,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 200, "source_epochs": 1,
         "general_size": 250, "extra_general_sizes": {"politics": [100, 500, 1000]}, "general_epochs": 1,
-        "general_conll": True,
+        "general_conll": False,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
@@ -154,7 +159,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 500, "source_epochs": 1,
         "general_size": 1000, "extra_general_sizes": {"politics": [250, 500]}, "general_epochs": 1,
-        "general_conll": True,
+        "general_conll": False,
         "max_new_tokens": 64, "llm_max_new_tokens": 160, "spacy_ner_steps": 400,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
@@ -169,7 +174,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "contrastive_negatives": "boundary", "contrastive_center": False,
         "source_limit": 2000, "source_epochs": 2,
         "general_size": 4000, "extra_general_sizes": {"politics": [1000]}, "general_epochs": 2,
-        "general_conll": True,
+        "general_conll": False,
         "max_new_tokens": 96, "llm_max_new_tokens": 256, "spacy_ner_steps": 1000,
         "llm_tune_epochs": 4, "llm_tune_learn_rate": 3e-4, "llm_tune_examples_shown": None,
         "llm_tune_prompt_gradients": True, "llm_tune_shared_step_examples": False, "llm_tune_contrastive_weight": 0.0,
@@ -437,10 +442,10 @@ class Run(NamedTuple):
         return key if self.size is None else f"{key}|n{self.size}"
 
 
-def general_sources(data: Path, target: str, vocab: Any, conll: bool = True) -> List[Tuple[str, List[Doc]]]:
-    """The corpora of the general mix for a target domain: CoNLL-2003 (unless `conll` is
-    False) and the CrossNER domains other than `target` (nothing of the target leaks),
-    with their train docs."""
+def general_sources(data: Path, target: str, vocab: Any, *, conll: bool) -> List[Tuple[str, List[Doc]]]:
+    """The corpora of the general mix for a target domain: CoNLL-2003 if `conll` (the
+    `general_conll` setting) and the CrossNER domains other than `target` (nothing of the
+    target leaks), with their train docs."""
     names = (["conll2003"] if conll else []) + [d for d in DOMAINS if d != target and (data / d).exists()]
     if not names:
         raise ValueError(
@@ -450,13 +455,24 @@ def general_sources(data: Path, target: str, vocab: Any, conll: bool = True) -> 
     return [(name, read_conll(data / name / "train.txt", vocab)) for name in names]
 
 
-def general_docs(data: Path, target: str, size: int, vocab: Any, conll: bool = True) -> List[Doc]:
+def general_docs(data: Path, target: str, size: int, vocab: Any, *, conll: bool) -> List[Doc]:
     """The general NER mix for a target domain (`spacy_cllmfs.mixing.mix_corpora`):
     `size` training sentences with entities from `general_sources`, an equal share per
-    source and the first (CoNLL-2003, or with `conll` False the first other domain)
-    filling the rest, each Doc declaring its own corpus's labels."""
+    source and the first (CoNLL-2003 if `conll`, else the first other domain) filling
+    the rest, each Doc declaring its own corpus's labels."""
     sources = general_sources(data, target, vocab, conll=conll)
     return mix_corpora([docs for _, docs in sources], size, fill=0, seed=0)
+
+
+def recorded_settings(results: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a results file's runs were made with: its recorded ones, and for a
+    setting added after it was written, the value of `SETTINGS_BEFORE_RECORDED`.
+    `general_conll` only where a general system ran: no other run reads it, so a file
+    without one can be continued with either value."""
+    settings = {**SETTINGS_BEFORE_RECORDED, **results.get("settings", {})}
+    if not any(key.split("|")[0] in GENERAL_SYSTEMS for key in results.get("runs", {})):
+        del settings["general_conll"]
+    return settings
 
 
 def general_mix_choice(settings: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
@@ -669,14 +685,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = json.loads(args.output.read_text()) if args.output.exists() else {}
     runs = results.setdefault("runs", {})
-    recorded = results.get("settings")
+    recorded = recorded_settings(results) if "settings" in results else None
     if recorded is not None:
-        # a setting the file does not know yet is new to the bench: no recorded run used it
+        # a setting the file does not know is new to the bench: its runs ran as its default
+        # says, unless `recorded_settings` fills in what they ran with
         changed = sorted(k for k in set(recorded) | set(settings)
                          if k != "model_parameters" and k in recorded and recorded.get(k) != settings.get(k))
         if changed:
+            fix = "write to a new --output"
+            if not set(changed) - set(PROFILES[args.profile]):  # all of them settable with --set
+                as_recorded = " ".join("--set " + shlex.quote(f"{k}={json.dumps(recorded[k], separators=(',', ':'))}")
+                                       for k in changed)
+                fix = f"pass {as_recorded} to continue it as recorded, or {fix}"
             parser.error(f"{args.output} holds runs made with other settings ({', '.join(changed)}); "
-                         "continuing it would mix them. Fix: write to a new --output.")
+                         f"continuing it would mix them. Fix: {fix}.")
     results["settings"] = {k: v for k, v in settings.items()}
     results["profile"] = args.profile
     here = record_machine(results, machine())

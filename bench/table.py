@@ -14,8 +14,8 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import (  # noqa: E402
-    ABLATIONS, DEFAULT_PROFILE, DOMAINS, GLINER_PUBLISHED, OPTIONAL, PROFILES, SYSTEM_NAMES, SYSTEMS, general_size,
-    summarize,
+    ABLATIONS, DEFAULT_PROFILE, DOMAINS, GLINER_PUBLISHED, OPTIONAL, PROFILES, SYSTEM_NAMES, SYSTEMS,
+    general_size, recorded_settings, summarize,
 )
 
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
@@ -183,12 +183,12 @@ def count(number: int, noun: str) -> str:
 def changed_settings(results: Dict[str, Any]) -> str:
     """The recorded settings that differ from those of the file's recorded profile (for
     older files, the one their command named), e.g. a learn rate set with `--set`; ""
-    if none do."""
+    if none do (`general_conll` only where a general system ran, `recorded_settings`)."""
     profile = results.get("profile")
     if profile is None:  # a file written before the profile was recorded: the one its command named
         words = (results.get("command") or "").split()
         profile = words[words.index("--profile") + 1] if "--profile" in words[:-1] else DEFAULT_PROFILE
-    recorded, defaults = results.get("settings", {}), PROFILES.get(profile, {})
+    recorded, defaults = recorded_settings(results), PROFILES.get(profile, {})
     changed = [f"{key} = {json.dumps(recorded[key])}" for key in sorted(set(recorded) & set(defaults))
                if key != "model" and recorded[key] != defaults[key]]
     return f" Settings other than the `{profile}` profile's: {', '.join(changed)}." if changed else ""

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import quality  # noqa: E402
 from bench.table import (  # noqa: E402
-    contrastive_table, describe, general_size_table, quality_table, relative_paths,
+    changed_settings, contrastive_table, describe, general_size_table, quality_table, relative_paths,
 )
 from spacy_cllmfs.labels import annotated_labels  # noqa: E402
 
@@ -31,7 +31,7 @@ def make_data(tmp_path):
 def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     make_data(tmp_path)
     output = tmp_path / "quality.json"
-    argv = [
+    default_mix = [
         "--data", str(tmp_path / "data"), "--profile", "cpu-smoke", "--model", str(tiny_model_path),
         "--device", "cpu", "--domains", "politics", "--shots", "1", "--test-limit", "3", "--epochs", "1",
         "--output", str(output), "--work", str(tmp_path / "work"),
@@ -39,6 +39,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
         "--set", "llm_max_new_tokens=12", "--set", "dev_limit=3", "--set", "llm_tune_epochs=1",
         "--set", "general_size=4", "--set", 'extra_general_sizes={"politics": [6]}', "--set", "llm_general_size=4",
     ]
+    argv = default_mix + ["--set", "general_conll=true"]  # CoNLL-2003 fills the larger mixes
     quality.main(argv + ["--time-budget", "1e-9"])  # the budget is spent before the first run
     assert "Time budget" in capsys.readouterr().out and not json.loads(output.read_text())["runs"]
     quality.main(argv)
@@ -46,7 +47,7 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     assert "Matrix complete" in out
     assert "tune_llm: dev ents_f" in out and "tune_llm: step 1/" in out  # spacy_llm_lora's progress
     results = json.loads(output.read_text())
-    keys = {f"{s}|politics|k1|s0" for s in quality.SYSTEMS if s not in ("cllmfs_general", "spacy_llm_general")}
+    keys = {f"{s}|politics|k1|s0" for s in quality.SYSTEMS if s not in quality.GENERAL_SYSTEMS}
     sized = {"cllmfs_general|politics|k1|s0|n4", "cllmfs_general|politics|k1|s0|n6", "spacy_llm_general|politics|k1|s0|n4"}
     assert set(results["runs"]) == keys | sized
     for run in results["runs"].values():
@@ -87,6 +88,17 @@ def test_quality_matrix_smoke_and_resume(tmp_path, tiny_model_path, capsys):
     except SystemExit:
         pass
     assert "negatives_per_positive" in capsys.readouterr().err
+    # the file's general runs mixed CoNLL-2003 in: continuing it with the default is refused,
+    # and so is a file written before the setting existed (it ran with CoNLL-2003); the error
+    # says how to continue it as recorded
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(dict(results, settings={k: v for k, v in results["settings"].items()
+                                                        if k != "general_conll"})))
+    for output_argv in ([], ["--output", str(older)]):
+        with pytest.raises(SystemExit):
+            quality.main(default_mix + output_argv)
+        err = capsys.readouterr().err
+        assert "(general_conll)" in err and "pass --set general_conll=true to continue it as recorded" in err
     table = quality_table(results)
     for system in quality.SYSTEMS:
         assert f"| {quality.SYSTEM_NAMES[system]}" in table
@@ -113,7 +125,7 @@ def test_a_resumed_file_keeps_every_machine_it_ran_on():
 def test_general_mix_leaves_the_target_out_and_declares_labels(tmp_path):
     data = make_data(tmp_path)
     vocab = quality.spacy.blank("en").vocab
-    docs = quality.general_docs(data, "politics", 4, vocab)
+    docs = quality.general_docs(data, "politics", 4, vocab, conll=True)
     declared = [tuple(annotated_labels(doc)) for doc in docs]
     conll = ("LOC", "MISC", "ORG", "PER")
     music = tuple(sorted({e.label_ for d in quality.read_conll(data / "music" / "train.txt", vocab) for e in d.ents}))
@@ -123,27 +135,28 @@ def test_general_mix_leaves_the_target_out_and_declares_labels(tmp_path):
     # a music corpus of 2 sentences gives 2; CoNLL-2003 fills the rest
     blocks = (data / "music" / "train.txt").read_text().split("\n\n")
     (data / "music" / "train.txt").write_text("\n\n".join(blocks[:2]) + "\n")
-    small = [tuple(annotated_labels(doc)) for doc in quality.general_docs(data, "politics", 6, vocab)]
+    small = [tuple(annotated_labels(doc)) for doc in quality.general_docs(data, "politics", 6, vocab, conll=True)]
     assert len(small) == 6 and small.count(conll) == 4
 
 
-def test_a_general_mix_without_conll_has_its_own_data_and_adapters(tmp_path):
+def test_general_mixes_with_and_without_conll_have_their_own_data_and_adapters(tmp_path):
     data = make_data(tmp_path)
     vocab = quality.spacy.blank("en").vocab
-    assert [name for name, _ in quality.general_sources(data, "politics", vocab)] == ["conll2003", "music"]
+    assert [name for name, _ in quality.general_sources(data, "politics", vocab, conll=True)] == ["conll2003", "music"]
     assert [name for name, _ in quality.general_sources(data, "politics", vocab, conll=False)] == ["music"]
     docs = quality.general_docs(data, "politics", 4, vocab, conll=False)
     music = {e.label_ for d in quality.read_conll(data / "music" / "train.txt", vocab) for e in d.ents}
     # music alone fills the mix, up to its 3 sentences with entities: no CoNLL-2003 label
     assert len(docs) == 3 and all(set(annotated_labels(doc)) == music for doc in docs)
     assert all(ent.label_ in music for doc in docs for ent in doc.ents)
-    settings = dict(quality.PROFILES["cpu-real"], model_tag="m", dtype="bfloat16", shots=[5])
-    without = dict(settings, general_conll=False)
-    # the default keeps the folders and recipes of old (cached adapters stay valid) ...
+    without = dict(quality.PROFILES["cpu-real"], model_tag="m", dtype="bfloat16", shots=[5])
+    assert all(profile["general_conll"] is False for profile in quality.PROFILES.values())  # the default
+    settings = dict(without, general_conll=True)
+    # a mix with CoNLL-2003 keeps the folders and recipes of old (cached adapters stay valid) ...
     assert quality.general_folder(tmp_path, settings, "music", 250).name == "general-m-music-n250-e1"
     assert quality.general_llm_folder(tmp_path, settings, "music", 250).name.endswith("-lr0.0003")
     assert "conll" not in quality.general_llm_recipe(settings, "music", 250)
-    # ... and a mix without CoNLL-2003 trains adapters of its own, never mixed up with them
+    # ... and the mix without it trains adapters of its own, never mixed up with them
     assert quality.general_folder(tmp_path, without, "music", 250).name == "general-m-music-n250-e1-noconll"
     assert quality.general_llm_folder(tmp_path, without, "music", 250).name.endswith("-lr0.0003-noconll")
     assert quality.general_llm_recipe(without, "music", 250)["conll"] is False
@@ -151,6 +164,17 @@ def test_a_general_mix_without_conll_has_its_own_data_and_adapters(tmp_path):
     shutil.rmtree(data / "politics")
     with pytest.raises(ValueError, match="general_conll"):
         quality.general_docs(data, "music", 4, vocab, conll=False)
+
+
+def test_a_file_written_before_general_conll_ran_with_conll():
+    older = {"profile": "cpu-real", "settings": {"learn_rate": 3e-4}, "runs": {"spacy_llm_general|music|k5|s0|n250": {}}}
+    assert quality.recorded_settings(older)["general_conll"] is True
+    assert "Settings other than the `cpu-real` profile's: general_conll = true." == changed_settings(older).strip()
+    # no general run read it: not named, and either value continues the file
+    assert "general_conll" not in quality.recorded_settings(dict(older, runs={"cllmfs|music|k5|s0": {}}))
+    assert changed_settings(dict(older, runs={"cllmfs|music|k5|s0": {}}, settings={"general_conll": True})) == ""
+    assert changed_settings(dict(older, settings={"general_conll": False})) == ""
+    assert quality.recorded_settings(dict(older, settings={"general_conll": False}))["general_conll"] is False
 
 
 def test_runs_are_planned_most_important_first():
