@@ -107,6 +107,10 @@ def table(specs: Sequence[str], data: Path, domain: str, test_limit: Optional[in
     """A markdown table: one row per type (most mentions first), four columns per run,
     and a line naming the runs."""
     runs = [load_run(spec) for spec in specs]
+    for spec, run in zip(specs, runs):
+        if run.get("domain", domain) != domain:
+            raise SystemExit(f"Run {spec!r} was scored on {run['domain']}, not {domain}. "
+                             f"Fix: pass --domain {run['domain']}, or runs of {domain}.")
     limits = {run.get("test_sentences") for run in runs}
     if test_limit is None:
         if len(limits) != 1 or None in limits:

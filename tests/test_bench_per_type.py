@@ -54,7 +54,7 @@ def write_run(tmp_path, run, test_sentences=10):
     (tmp_path / "data" / "politics").mkdir(parents=True)
     shutil.copy(FIXTURE, tmp_path / "data" / "politics" / "test.txt")
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"runs": {KEY: {**run, "test_sentences": test_sentences}}}))
+    results.write_text(json.dumps({"runs": {KEY: {**run, "domain": "politics", "test_sentences": test_sentences}}}))
     return results
 
 
@@ -105,6 +105,8 @@ def test_wrong_test_set_and_bad_spec_are_refused(per_type, tmp_path: Path) -> No
     results = write_run(tmp_path, scores(predictions(gold), gold), test_sentences=12)
     with pytest.raises(SystemExit, match="does not match these test sentences.*Fix"):
         per_type.table([f"{results}:{KEY}"], tmp_path / "data", "politics", None)
+    with pytest.raises(SystemExit, match="scored on politics, not music. Fix: pass --domain politics"):
+        per_type.table([f"{results}:{KEY}"], tmp_path / "data", "music", None)
     with pytest.raises(SystemExit, match="not 'results file:run key'"):
         per_type.load_run(str(results))
     with pytest.raises(SystemExit, match="No run 'x' in .*Fix: use one of"):
