@@ -50,7 +50,7 @@ def test_mentions(data: Path, domain: str, test_limit: int) -> Counter:
 
 def load_run(spec: str) -> Dict:
     """The run `file:key` of a bench/quality.py results file."""
-    path, sep, key = spec.partition(":")
+    path, sep, key = spec.rpartition(":")  # a key holds no colon; a path may
     if not sep:
         raise SystemExit(f"Run {spec!r} is not 'results file:run key'. Fix: e.g. "
                          "'bench/results/quality-cpu-real-qwen1_5b-bf16.json:spacy_llm|science|k5|s0'.")
