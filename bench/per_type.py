@@ -40,7 +40,7 @@ class TypeCounts:
     r: float
 
 
-def test_mentions(data: Path, domain: str, test_limit: int) -> Counter:
+def gold_mentions(data: Path, domain: str, test_limit: int) -> Counter:
     """Gold mentions per label in the first `test_limit` test sentences (all if <= 0)."""
     docs = read_conll(data / domain / "test.txt", spacy.blank("en").vocab)
     if test_limit > 0:
@@ -117,8 +117,9 @@ def table(specs: Sequence[str], data: Path, domain: str, test_limit: Optional[in
             raise SystemExit(f"The runs were scored on {sorted(map(str, limits))} test sentences. "
                              "Fix: compare runs of one test set, or pass --test-limit.")
         test_limit = limits.pop()
-    mentions = test_mentions(data, domain, test_limit)
+    mentions = gold_mentions(data, domain, test_limit)
     counts = [type_counts(run, mentions) for run in runs]
+    totals = [predicted(run, run_counts) for run, run_counts in zip(runs, counts)]
     header = ["type", "mentions"]
     for number in range(1, len(specs) + 1):
         header += [f"run {number} F1", "recall", "missed", "F1 without it"]
@@ -126,9 +127,9 @@ def table(specs: Sequence[str], data: Path, domain: str, test_limit: Optional[in
     labels = sorted(set(mentions) | {label for c in counts for label in c}, key=lambda l: (-mentions[l], l))
     for label in labels:
         cells: List[str] = [label, str(mentions[label])]
-        for run, run_counts in zip(runs, counts):
+        for run_counts, total in zip(counts, totals):
             c = run_counts[label]
-            without = f1_without(run_counts, label, predicted(run, run_counts))
+            without = f1_without(run_counts, label, total)
             cells += [f"{100 * c.f:.1f}", f"{100 * c.r:.1f}", str(c.mentions - c.true_positives),
                       "?" if without is None else f"{without:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -63,7 +63,7 @@ def test_counts_and_f1_without_match_spacy(per_type, tmp_path: Path) -> None:
     predicted = predictions(gold)
     results = write_run(tmp_path, scores(predicted, gold))
     run = per_type.load_run(f"{results}:{KEY}")
-    mentions = per_type.test_mentions(tmp_path / "data", "politics", 10)
+    mentions = per_type.gold_mentions(tmp_path / "data", "politics", 10)
     assert mentions["country"] > 0 and mentions["election"] > 0 and mentions["organisation"] > 0
     counts = per_type.type_counts(run, mentions)
     assert counts["country"].true_positives == 0 and counts["organisation"].true_positives == 0
@@ -91,7 +91,7 @@ def test_one_type_at_precision_zero_is_recovered(per_type, tmp_path: Path) -> No
     # one party tagged with a type the gold lacks: the only type at precision 0
     predicted = predictions(gold, drop=(), relabel={"politicalparty": "nation"}, first_only=("politicalparty",))
     results = write_run(tmp_path, scores(predicted, gold))
-    mentions = per_type.test_mentions(tmp_path / "data", "politics", 10)
+    mentions = per_type.gold_mentions(tmp_path / "data", "politics", 10)
     run = per_type.load_run(f"{results}:{KEY}")
     counts = per_type.type_counts(run, mentions)
     assert counts["nation"].predictions == 1 and counts["nation"].mentions == 0
